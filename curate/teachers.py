@@ -1,0 +1,235 @@
+"""Teachers: load a trained classifier from any of the supported files, with its input spec and fingerprint.
+
+Formats, detected from the file:
+
+- checkpoint ``{"arch", "state_dict", "meta"}`` (+ ``arch_options``) built by :mod:`curate.models`;
+- TorchScript (``torch.jit.save``), meta in ``_extra_files={"meta.json": ...}``;
+- ``torch.export`` program (``.pt2``, ``torch.export.save``), meta in ``extra_files``;
+- a pickled ``nn.Module`` (``torch.save(model)``): only with ``trust_pickle``, since unpickling runs code.
+
+``meta`` holds num_classes, class_names, in_channels, image_size, mean, std
+(anything else is carried along, e.g. arch and test accuracy). Overrides given
+by the caller (``--teacher-meta``) win over what the file holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import warnings
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from curate.errors import UserError
+from curate.models import Classifier, build_model
+from curate.spec import InputSpec
+
+TeacherFormat = Literal["checkpoint", "torchscript", "export", "pickle"]
+FORMATS: tuple[str, ...] = ("checkpoint", "torchscript", "export", "pickle")
+META_FILE = "meta.json"
+
+
+@dataclass
+class Teacher:
+    """A loaded teacher in eval mode: ``teacher(x)`` gives logits for inputs in ``teacher.spec``."""
+
+    model: nn.Module
+    meta: dict[str, Any]
+    spec: InputSpec
+    fingerprint: str
+    path: Path
+    format: str
+    class_names: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+def file_fingerprint(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_teacher(model: nn.Module, meta: dict[str, Any], path: Path | str, format: TeacherFormat = "checkpoint",
+                 arch: str | None = None, arch_options: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` with ``meta`` in one of the four teacher formats; ``arch`` is needed for checkpoints."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    meta_bytes = json.dumps(meta).encode()
+    if format == "checkpoint":
+        if arch is None:
+            raise ValueError("a checkpoint needs the registry name of its architecture (arch=...)")
+        torch.save({"arch": arch, "arch_options": arch_options or {}, "state_dict": model.state_dict(),
+                    "meta": meta}, path)
+    elif format == "torchscript":
+        with warnings.catch_warnings():  # TorchScript is deprecated; it is still a format users hand us
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(model), str(path), _extra_files={META_FILE: meta_bytes})
+    elif format == "export":
+        spec = InputSpec.from_meta(meta)
+        example = torch.zeros(2, *spec.shape())
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, path, extra_files={META_FILE: meta_bytes.decode()})
+    elif format == "pickle":
+        torch.save(model, path)
+    else:
+        raise ValueError(f"unknown teacher format {format!r}; one of {FORMATS}")
+    return path
+
+
+def _zip_names(path: Path) -> list[str]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.namelist()
+    except zipfile.BadZipFile:
+        return []
+
+
+def detect_format(path: Path) -> str:
+    names = _zip_names(path)
+    if any(n.split("/")[1:] == ["archive_format"] for n in names):
+        return "export"
+    if any("/code/__torch__/" in n for n in names):
+        return "torchscript"
+    return "checkpoint"  # a torch.save file: a checkpoint dict, or a pickled module
+
+
+def _load_checkpoint(path: Path, trust_pickle: bool) -> tuple[nn.Module, dict, str]:
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a raw pickle
+        raise UserError(f"{path} is not a model file (unknown format): pass a checkpoint, TorchScript or .pt2 teacher")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if not trust_pickle:
+            raise UserError(
+                f"{path} is a pickled Python object, and loading it would run code from the file: "
+                "re-run with --trust-pickle only if you trust where it came from"
+            ) from None
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
+        raise UserError(f"{path} is not a readable teacher file ({err}): check the path or re-export it") from None
+    if isinstance(blob, nn.Module):
+        return blob, dict(getattr(blob, "meta", {}) or {}), "pickle"
+    if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
+        raise UserError(
+            f"{path} is neither a teacher checkpoint (dict with arch, state_dict, meta) nor a model: "
+            "save it with curate.teachers.save_teacher, torch.jit.save or torch.export.save"
+        )
+    meta = dict(blob.get("meta") or {})
+    if "num_classes" not in meta or "in_channels" not in meta:
+        raise UserError(f"{path}: checkpoint meta lacks num_classes or in_channels: supply --teacher-meta meta.json")
+    model = build_model(blob["arch"], int(meta["num_classes"]), int(meta["in_channels"]),
+                        int(meta.get("image_size", 32)), **blob.get("arch_options", {}))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise UserError(f"{path}: weights do not fit architecture {blob['arch']} ({first}): fix arch or meta") from None
+    return model, meta, "checkpoint"
+
+
+def _load_torchscript(path: Path) -> tuple[nn.Module, dict, str]:
+    extra = {META_FILE: ""}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = torch.jit.load(str(path), map_location="cpu", _extra_files=extra)
+    except RuntimeError as err:
+        raise UserError(f"{path} is not a loadable TorchScript file ({str(err).splitlines()[0]})") from None
+    return model, json.loads(extra[META_FILE]) if extra[META_FILE] else {}, "torchscript"
+
+
+def _load_export(path: Path) -> tuple[nn.Module, dict, str]:
+    extra = {META_FILE: ""}
+    try:
+        with open(path, "rb") as f:  # a file object: export's loader insists on a .pt2 suffix for paths
+            program = torch.export.load(f, extra_files=extra)
+    except Exception as err:  # export's loader raises many types on a damaged archive
+        raise UserError(f"{path} is not a loadable torch.export program ({type(err).__name__}: {err})") from None
+    meta = extra[META_FILE]
+    if isinstance(meta, bytes):
+        meta = meta.decode()
+    return program.module(), json.loads(meta) if meta else {}, "export"
+
+
+def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: dict[str, Any] | None = None,
+                 device: str | torch.device = "cpu") -> Teacher:
+    """Load a teacher file, merge ``meta_overrides`` into its meta, and check that its input spec works."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher file {path} not found: pass --teacher with the path of a trained model")
+    loaders = {"export": _load_export, "torchscript": _load_torchscript}
+    fmt = detect_format(path)
+    model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle)
+    meta = {**meta, **(meta_overrides or {})}
+    if "num_classes" not in meta:
+        raise UserError(f"{path}: meta lacks num_classes: supply it with --teacher-meta meta.json")
+    spec = InputSpec.from_meta(meta)
+    class_names = [str(c) for c in meta.get("class_names") or range(int(meta["num_classes"]))]
+    if len(class_names) != int(meta["num_classes"]):
+        raise UserError(f"{path}: meta has {len(class_names)} class_names for {meta['num_classes']} classes")
+    meta["class_names"] = class_names
+    if fmt != "export":  # an exported program is frozen in eval mode and rejects .eval()
+        model.eval()
+    model = model.to(device)
+    _check_input_spec(model, spec, int(meta["num_classes"]), path, device)
+    return Teacher(model, meta, spec, file_fingerprint(path), path, fmt, class_names)
+
+
+def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path: Path, device: str | torch.device) -> None:
+    """Run two blank inputs of the meta's shape: a teacher whose meta lies fails here, not mid-scoring."""
+    shape = "x".join(map(str, spec.shape()))
+    try:
+        with torch.inference_mode():
+            out = model(torch.zeros(2, *spec.shape(), device=device))
+    except Exception as err:  # any failure here means the model rejects the declared shape
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"{path}: the model rejects {shape} inputs that its meta declares ({reason[:200]}): "
+            "fix in_channels/image_size with --teacher-meta"
+        ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UserError(f"{path}: the model returns {got} for 2 inputs, not (2, {num_classes}) logits: fix num_classes")
+
+
+def read_meta_file(path: Path | str | None) -> dict[str, Any]:
+    """Meta overrides from a JSON file (``--teacher-meta``); empty when no file is given."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher meta file {path} not found: give a JSON file with num_classes, in_channels, ...")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(f"teacher meta file {path} is not valid JSON ({err}): fix it") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"teacher meta file {path} must hold a JSON object")
+    return meta
+
+
+def is_classifier(model: nn.Module) -> bool:
+    """Whether the model exposes ``features`` and ``classifier`` (registry models do; exported programs do not)."""
+    return isinstance(model, Classifier) or (hasattr(model, "features") and hasattr(model, "classifier"))
+
+
+__all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "is_classifier", "load_teacher",
+           "read_meta_file", "save_teacher"]
