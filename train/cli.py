@@ -1,0 +1,67 @@
+"""`train`: the command line of the training stage."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from curate.errors import run_app
+from curate.models import MODELS
+
+app = typer.Typer(
+    help="Train teachers on labeled pools and distil students from curated shards.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _group() -> None:
+    """Train teachers on labeled pools and distil students from curated shards."""
+
+
+@app.command()
+def teacher(
+    dataset: Annotated[str, typer.Option(help="labeled pool to train on: KIND, KIND:SPLIT or a .toml mix")],
+    out: Annotated[Path, typer.Option(help="where to write the teacher checkpoint")] = Path("teacher.pt"),
+    arch: Annotated[str, typer.Option(help=f"architecture: {', '.join(MODELS)}")] = "resnet8",
+    width: Annotated[float, typer.Option(help="channel-width multiplier")] = 1.0,
+    root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
+    test_dataset: Annotated[str | None, typer.Option(help="test pool (default KIND:test)")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="class count, for pools that do not name their classes")] = None,
+    in_channels: Annotated[int | None, typer.Option(help="input channels (default: the dataset's)")] = None,
+    image_size: Annotated[int | None, typer.Option(help="input side in pixels (default: the dataset's)")] = None,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    lr: Annotated[float, typer.Option(help="peak SGD learning rate (cosine schedule with warm-up)")] = 0.1,
+    weight_decay: float = 5e-4,
+    label_smoothing: float = 0.0,
+    crop_padding: Annotated[int, typer.Option(help="random-crop padding in pixels (0: no crop)")] = 2,
+    flip: Annotated[bool, typer.Option(help="random horizontal flips (turn off for digits and text)")] = True,
+    limit: Annotated[int | None, typer.Option(help="train on a seeded random subset of this many samples")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: int = 0,
+) -> None:
+    """Train a classifier on a labeled pool and save it as a teacher checkpoint (test accuracy in its meta).
+
+    Example: train teacher --dataset fashion-mnist --arch resnet8 --out teacher.pt
+    """
+    from train.teacher import TeacherConfig, train_teacher  # heavy imports only when training
+
+    cfg = TeacherConfig(dataset=dataset, out=out, arch=arch, width=width, root=root, test_dataset=test_dataset,
+                        num_classes=num_classes, in_channels=in_channels, image_size=image_size, epochs=epochs,
+                        batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
+                        crop_padding=crop_padding, flip=flip, limit=limit, workers=workers, device=device, seed=seed)
+    if arch not in MODELS:
+        from curate.errors import UserError
+
+        raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(MODELS)}")
+    meta = train_teacher(cfg)
+    typer.echo(f"test accuracy {meta['test_accuracy']:.4f} in {meta['train_seconds']:.0f} s; saved {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_app(app, argv, prog_name="train")

@@ -1,0 +1,153 @@
+"""`train teacher`: supervised training of a classifier on a labeled pool, saved as a teacher checkpoint.
+
+Read top to bottom: config -> data -> model -> optimiser and schedule -> loop -> evaluation -> checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from curate.errors import UserError
+from curate.models import build_model
+from curate.pools import open_pool
+from curate.teachers import save_teacher
+from train.augment import random_crop_flip
+from train.data import class_names_of, infer_input_spec, labeled_batches, make_loader
+from curate.device import pick_device
+from train.evaluate import accuracy
+
+
+@dataclass
+class TeacherConfig:
+    dataset: str
+    out: Path
+    arch: str = "resnet8"
+    width: float = 1.0
+    root: Path | None = None
+    test_dataset: str | None = None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    crop_padding: int = 2
+    flip: bool = True
+    limit: int | None = None
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def test_pool_name(self) -> str:
+        if self.test_dataset:
+            return self.test_dataset
+        if self.dataset.endswith(".toml"):
+            raise UserError("a mixed training pool has no obvious test split: pass --test-dataset, e.g. fashion-mnist:test")
+        return f"{self.dataset.partition(':')[0]}:test"
+
+
+def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_teacher(cfg: TeacherConfig) -> dict:
+    """Train, evaluate on the test split, save the checkpoint; returns the saved meta."""
+    torch.manual_seed(cfg.seed)
+    device = pick_device(cfg.device)
+    started = time.perf_counter()
+
+    # Data: uint8 batches in the model's shape; crop/flip and normalisation per batch on the device.
+    train_pool = open_pool(cfg.dataset, cfg.root)
+    test_pool = open_pool(cfg.test_pool_name(), cfg.root)
+    class_names = class_names_of(train_pool, cfg.num_classes)
+    spec = infer_input_spec(train_pool, cfg.in_channels, cfg.image_size, cfg.seed)
+    normalize = spec.normalize()
+    subset = None
+    if cfg.limit is not None and cfg.limit < len(train_pool):
+        subset = np.sort(np.random.default_rng(cfg.seed).choice(len(train_pool), cfg.limit, replace=False))
+    train_loader = make_loader(train_pool, spec, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                               workers=cfg.workers, indices=subset, drop_last=True)
+    test_loader = make_loader(test_pool, spec, 512, shuffle=False, seed=cfg.seed, workers=cfg.workers)
+    if len(train_loader) == 0:
+        raise UserError(f"the training set has fewer samples than one batch ({cfg.batch_size}): lower --batch-size")
+
+    # Model, optimiser, schedule.
+    model = build_model(cfg.arch, len(class_names), spec.in_channels, spec.image_size, cfg.width)
+    model = model.to(device, memory_format=torch.channels_last)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    total_steps = cfg.epochs * len(train_loader)
+    scheduler = cosine_with_warmup(optimizer, int(cfg.warmup_epochs * len(train_loader)), total_steps)
+    augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+    history = []
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("teacher", total=total_steps, status="")
+        for epoch in range(cfg.epochs):
+            model.train()
+            seen, correct, loss_sum, epoch_start = 0, 0, 0.0, time.perf_counter()
+            for batch in labeled_batches(train_loader):
+                images = batch.images.to(device, non_blocking=True)
+                labels = batch.labels.to(device, non_blocking=True)
+                images = random_crop_flip(images, cfg.crop_padding, cfg.flip, augment_rng)
+                inputs = normalize(images).contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    logits = model(inputs)
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                seen += len(labels)
+                loss_sum += float(loss.detach()) * len(labels)
+                correct += int((logits.detach().argmax(1) == labels).sum())
+                rate = seen / (time.perf_counter() - epoch_start)
+                progress.update(task, advance=1, status=f"epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / seen:.3f} "
+                                                       f"acc {correct / seen:.3f} {rate:.0f} img/s")
+            test_acc = accuracy(model, test_loader, normalize, device)
+            history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+                            "test_accuracy": test_acc})
+            progress.console.print(f"epoch {epoch + 1}: train loss {loss_sum / seen:.4f}, "
+                                   f"train acc {correct / seen:.4f}, test acc {test_acc:.4f}")
+
+    meta = {
+        "num_classes": len(class_names),
+        "class_names": class_names,
+        **spec.to_meta(),
+        "arch": cfg.arch,
+        "width": cfg.width,
+        "dataset": cfg.dataset,
+        "test_dataset": cfg.test_pool_name(),
+        "train_samples": len(train_loader) * cfg.batch_size,
+        "test_accuracy": history[-1]["test_accuracy"],
+        "history": history,
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+    }
+    save_teacher(model.to("cpu", memory_format=torch.contiguous_format), meta, cfg.out, "checkpoint",
+                 arch=cfg.arch, arch_options={"width": cfg.width})
+    return meta
