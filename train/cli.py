@@ -35,7 +35,7 @@ def teacher(
     num_classes: Annotated[int | None, typer.Option(help="class count, for pools that do not name their classes")] = None,
     in_channels: Annotated[int | None, typer.Option(help="input channels (default: the dataset's)")] = None,
     image_size: Annotated[int | None, typer.Option(help="input side in pixels (default: the dataset's)")] = None,
-    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    epochs: Annotated[int, typer.Option(min=1, help="passes over the training set (6 take a resnet8 past 90% on Fashion-MNIST)")] = 6,
     batch_size: Annotated[int, typer.Option(min=1)] = 128,
     lr: Annotated[float, typer.Option(help="peak SGD learning rate (cosine schedule with warm-up)")] = 0.1,
     weight_decay: float = 5e-4,

@@ -35,7 +35,7 @@ def predictions(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoade
 def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
              normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> float:
     """Top-1 accuracy (a fraction) over every batch of ``loader``."""
-    preds, labels = predictions(loaded, loader, normalize, device)
+    preds, labels = predictions(model, loader, normalize, device)
     return float((preds == labels).float().mean()) if len(labels) else 0.0
 
 

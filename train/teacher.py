@@ -36,7 +36,7 @@ class TeacherConfig:
     num_classes: int | None = None
     in_channels: int | None = None
     image_size: int | None = None
-    epochs: int = 10
+    epochs: int = 6
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9

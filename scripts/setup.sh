@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh Debian machine with Python 3.11:
+#   scripts/setup.sh test   system fonts the tests use, a venv with the package and pytest
+#   scripts/setup.sh demo   the above plus the Debian packages the demo reads its real data from
+# Safe to re-run: apt and pip skip what is already there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+profile="${1:-test}"
+case "$profile" in
+  test) apt_packages=(fonts-dejavu-core fonts-noto-color-emoji) ;;
+  demo) apt_packages=(fonts-dejavu-core fonts-noto-color-emoji fonts-ipafont-gothic dataset-fashion-mnist
+                      gnome-backgrounds plasma-workspace-wallpapers adwaita-icon-theme) ;;
+  *) echo "usage: scripts/setup.sh [test|demo]" >&2; exit 2 ;;
+esac
+
+python="${PYTHON:-python3}"
+if ! "$python" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null; then
+  echo "error: Python 3.11 or newer is needed as '$python' (set PYTHON=/path/to/python3.11)" >&2
+  exit 2
+fi
+if ! "$python" -c 'import ensurepip, venv' 2>/dev/null; then
+  apt_packages+=(python3-venv)
+fi
+
+missing=()
+for pkg in "${apt_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  if [ -n "$sudo" ] && ! command -v sudo >/dev/null; then
+    echo "warning: cannot install ${missing[*]} without root; install them and re-run" >&2
+  else
+    echo "installing Debian packages: ${missing[*]}"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# torch first, pinned: pip takes these two from local files on the project's machines.
+.venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+.venv/bin/pip install -q -e ".[test]"
+echo "ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
