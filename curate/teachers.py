@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from curate.errors import UserError
-from curate.models import Classifier, build_model
+from curate.models import build_model
 from curate.spec import InputSpec
 
 TeacherFormat = Literal["checkpoint", "torchscript", "export", "pickle"]
@@ -226,10 +226,5 @@ def read_meta_file(path: Path | str | None) -> dict[str, Any]:
     return meta
 
 
-def is_classifier(model: nn.Module) -> bool:
-    """Whether the model exposes ``features`` and ``classifier`` (registry models do; exported programs do not)."""
-    return isinstance(model, Classifier) or (hasattr(model, "features") and hasattr(model, "classifier"))
-
-
-__all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "is_classifier", "load_teacher",
+__all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "load_teacher",
            "read_meta_file", "save_teacher"]

@@ -92,8 +92,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     # Model, optimiser, schedule.
     model = build_model(cfg.arch, len(class_names), spec.in_channels, spec.image_size, cfg.width)
     model = model.to(device, memory_format=torch.channels_last)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on BN and biases
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}],
                                 lr=cfg.lr, momentum=cfg.momentum, nesterov=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
+from curate.errors import UserError
+
 # Importing the modules registers their kinds.
 from curate.pools import arrays, batches, generated, glyphs, idx, images, mix  # noqa: F401
 from curate.pools.base import Pool, Sample, SampleError
@@ -40,8 +42,6 @@ def parse_options(pairs: list[str]) -> dict:
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
-            from curate.errors import UserError
-
             raise UserError(f"pool option {pair!r} is not name=value: write e.g. --option split=test")
         try:
             options[name.strip()] = tomllib.loads(f"v = {value}")["v"]
