@@ -46,4 +46,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: pip takes these two from local files on the project's machines.
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 .venv/bin/pip install -q -e ".[test]"
-echo "ready: .venv ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'))"
+device=$(.venv/bin/python -c 'import torch, curate; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')
+echo "ready: .venv ($device)"
