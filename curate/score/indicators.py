@@ -1,0 +1,152 @@
+"""Per-sample indicators of how related an input is to the teacher's task, from one forward pass.
+
+Three families, all oriented so that higher means "looks more like the teacher's data":
+
+- logits: max softmax probability, negative energy (logsumexp), negative entropy;
+- BatchNorm statistics: how far each sample's per-channel feature means and
+  variances fall from every BN layer's running statistics (negated);
+- penultimate layer: feature norm, cosine to the predicted class's weight vector.
+
+Output-only scores are not enough: a Fashion-MNIST teacher is more confident
+on smooth photo patches than on its own data, while BN statistics separate
+them (see the prototype facts in DESIGN.md). Forward hooks collect the BN and
+penultimate quantities during the same pass that produces the logits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LOGIT_INDICATORS = ("msp", "neg_energy", "neg_entropy")
+BN_INDICATORS = ("bn_mean", "bn_var")
+FEATURE_INDICATORS = ("feat_norm", "cos_class")
+INDICATORS = LOGIT_INDICATORS + BN_INDICATORS + FEATURE_INDICATORS
+FAMILIES = {"logits": LOGIT_INDICATORS, "batchnorm": BN_INDICATORS, "features": FEATURE_INDICATORS}
+
+_EPS = 1e-5
+
+
+@dataclass
+class BatchScores:
+    """Everything scoring stores for one batch, as CPU tensors with one row per sample."""
+
+    logits: torch.Tensor
+    embedding: torch.Tensor | None
+    pred: torch.Tensor
+    confidence: torch.Tensor
+    margin: torch.Tensor
+    entropy: torch.Tensor
+    energy: torch.Tensor
+    feat_norm: torch.Tensor
+    indicators: dict[str, torch.Tensor]  # name -> N float32 (NaN where the teacher cannot provide it)
+
+
+class TeacherProbe:
+    """Wraps a teacher so one call returns logits plus every indicator.
+
+    Eager modules get hooks on each BatchNorm2d (its input) and on the final
+    linear layer (its input is the penultimate feature vector). Compiled
+    teachers without hooks (TorchScript, torch.export) still give the logit
+    family, and the penultimate family when they expose ``features`` and
+    ``classifier``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self._bn_mean: torch.Tensor | None = None
+        self._bn_var: torch.Tensor | None = None
+        self._bn_layers = 0
+        self._features: torch.Tensor | None = None
+        self.classifier_weight: torch.Tensor | None = None
+        self.split_forward = False
+        self.hooks: list[torch.utils.hooks.RemovableHandle] = []
+        eager = not isinstance(model, torch.jit.ScriptModule) and not isinstance(model, torch.fx.GraphModule)
+        if eager:
+            for module in model.modules():
+                if isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
+                    self.hooks.append(module.register_forward_pre_hook(self._bn_hook))
+            last_linear = _final_linear(model)
+            if last_linear is not None:
+                self.classifier_weight = last_linear.weight
+                self.hooks.append(last_linear.register_forward_pre_hook(self._feature_hook))
+        elif hasattr(model, "features") and hasattr(model, "classifier"):
+            self.split_forward = True
+            self.classifier_weight = model.classifier.weight
+        self.batchnorm_layers = len(self.hooks) - (self.classifier_weight is not None and not self.split_forward)
+
+    def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].float()
+        var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False)
+        running_var = module.running_var.float() + _EPS
+        mean_dev = ((mean - module.running_mean.float()).square() / running_var).mean(1)
+        var_dev = torch.log((var + _EPS) / running_var).square().mean(1)
+        self._bn_mean = mean_dev if self._bn_mean is None else self._bn_mean + mean_dev
+        self._bn_var = var_dev if self._bn_var is None else self._bn_var + var_dev
+        self._bn_layers += 1
+
+    def _feature_hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
+        self._features = inputs[0]
+
+    def __call__(self, x: torch.Tensor) -> BatchScores:
+        self._bn_mean = self._bn_var = self._features = None
+        self._bn_layers = 0
+        if self.split_forward:
+            features = self.model.features(x)
+            logits = self.model.classifier(features)
+        else:
+            logits = self.model(x)
+            features = self._features
+        return self._scores(logits.float(), None if features is None else features.float().flatten(1))
+
+    def _scores(self, logits: torch.Tensor, features: torch.Tensor | None) -> BatchScores:
+        n = logits.shape[0]
+        log_probs = F.log_softmax(logits, dim=1)
+        probs = log_probs.exp()
+        top = probs.topk(min(2, probs.shape[1]), dim=1).values
+        pred = logits.argmax(1)
+        entropy = -(probs * log_probs).sum(1)
+        energy = -torch.logsumexp(logits, dim=1)
+        nan = torch.full((n,), float("nan"), device=logits.device)
+        indicators = {"msp": top[:, 0], "neg_energy": -energy, "neg_entropy": -entropy}
+        if self._bn_layers:
+            indicators["bn_mean"] = -self._bn_mean / self._bn_layers
+            indicators["bn_var"] = -self._bn_var / self._bn_layers
+        else:
+            indicators["bn_mean"] = indicators["bn_var"] = nan
+        if features is not None and self.classifier_weight is not None:
+            feat_norm = features.norm(dim=1)
+            weights = self.classifier_weight.float()[pred]
+            indicators["feat_norm"] = feat_norm
+            indicators["cos_class"] = F.cosine_similarity(features, weights, dim=1)
+        else:
+            feat_norm = nan
+            indicators["feat_norm"] = indicators["cos_class"] = nan
+        return BatchScores(
+            logits=logits.cpu(),
+            embedding=None if features is None else features.cpu(),
+            pred=pred.cpu(),
+            confidence=top[:, 0].cpu(),
+            margin=(top[:, 0] - top[:, 1]).cpu() if top.shape[1] > 1 else top[:, 0].cpu(),
+            entropy=entropy.cpu(),
+            energy=energy.cpu(),
+            feat_norm=feat_norm.cpu(),
+            indicators={k: v.float().cpu() for k, v in indicators.items()},
+        )
+
+    def close(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks.clear()
+
+
+def _final_linear(model: nn.Module) -> nn.Linear | None:
+    """The layer that maps penultimate features to logits: ``model.classifier`` or the last nn.Linear."""
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):
+        return classifier
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None

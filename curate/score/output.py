@@ -1,0 +1,147 @@
+"""The scored-pool folder: shard plan, manifest, atomic files and completion markers.
+
+```
+scored/part-00000.parquet ...   one file per shard of --shard-rows pool positions, pool order
+scored/_manifest.json            what was scored with what; which shards are complete
+scored/_errors.parquet           unreadable samples (uid, error), written when the run completes
+scored/_errors/part-*.parquet    the same, per shard, while the run is in progress
+```
+
+A shard is written under a temporary name and renamed when complete, then
+marked complete in the manifest (itself replaced atomically). A rerun skips
+shards that are marked complete and present; anything else is recomputed
+from scratch, so a kill at any point leaves nothing a reader would take for
+finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from curate import __version__
+from curate.errors import UserError
+
+FORMAT = "curate.scored/1"
+MANIFEST = "_manifest.json"
+ERRORS = "_errors.parquet"
+ERRORS_DIR = "_errors"
+ERROR_SCHEMA = pa.schema([("uid", pa.string()), ("error", pa.string())])
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first pool position
+    stop: int  # one past the last
+
+    @property
+    def file(self) -> str:
+        return f"part-{self.index:05d}.parquet"
+
+
+def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
+    return [Shard(i, start, min(start + shard_rows, rows)) for i, start in enumerate(range(0, rows, shard_rows))]
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(temp_path)``, then rename over ``path``; on failure leave no file behind."""
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def normalized(value: Any) -> Any:
+    """JSON round trip: the form an identity takes once stored, so stored and fresh compare equal."""
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+class ScoredOutput:
+    """The manifest of one ``--out`` folder, created on first use and checked on every rerun."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.manifest: dict[str, Any] = {}
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    def open(self, identity: dict[str, Any], shards: list[Shard]) -> None:
+        """Start a new output or reopen an existing one made from the same identity; refuse anything else."""
+        identity = normalized(identity)
+        if self.manifest_path.exists():
+            try:
+                existing = json.loads(self.manifest_path.read_text())
+            except json.JSONDecodeError:
+                raise UserError(f"{self.manifest_path} is damaged: delete {self.folder} and score again") from None
+            if existing.get("format") != FORMAT:
+                raise UserError(f"{self.folder} holds something other than a scored pool: choose another --out")
+            for part in ("teacher", "pool", "settings"):
+                if existing["identity"][part] != identity[part]:
+                    what = {"teacher": "another teacher", "pool": "another pool spec",
+                            "settings": "other --shard-rows/--batch-size/--limit/--reference-count"}[part]
+                    raise UserError(
+                        f"{self.folder} was scored with {what}: use a new --out, or delete it to start over"
+                    )
+            self.manifest = existing
+            return
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create {self.folder} ({err.strerror}): choose a writable --out") from None
+        if not os.access(self.folder, os.W_OK):
+            raise UserError(f"{self.folder} is not writable: choose a writable --out")
+        self.manifest = {
+            "format": FORMAT,
+            "code_version": __version__,
+            "identity": identity,
+            "reference": None,
+            "columns": None,
+            "shards": [{"file": s.file, "start": s.start, "stop": s.stop, "complete": False} for s in shards],
+            "complete": False,
+        }
+        self.save()
+
+    def save(self) -> None:
+        text = json.dumps(self.manifest, indent=1)
+        write_atomically(self.manifest_path, lambda p: p.write_text(text))
+
+    def complete_shards(self) -> set[int]:
+        return {i for i, entry in enumerate(self.manifest["shards"])
+                if entry["complete"] and (self.folder / entry["file"]).exists()}
+
+    def write_shard(self, shard: Shard, table: pa.Table, errors: list[tuple[str, str]]) -> None:
+        """Errors first, then the shard under a temporary name, renamed; then the manifest marks it complete."""
+        errors_dir = self.folder / ERRORS_DIR
+        errors_dir.mkdir(exist_ok=True)
+        error_table = pa.table({"uid": [u for u, _ in errors], "error": [e for _, e in errors]}, schema=ERROR_SCHEMA)
+        write_atomically(errors_dir / shard.file, lambda p: pq.write_table(error_table, p))
+        write_atomically(self.folder / shard.file, lambda p: pq.write_table(table, p, row_group_size=16384))
+        entry = self.manifest["shards"][shard.index]
+        entry.update(complete=True, rows=table.num_rows, errors=len(errors))
+        self.save()
+
+    def finish(self) -> pa.Table:
+        """Gather the per-shard error files into ``_errors.parquet`` and mark the run complete."""
+        parts = [pq.read_table(self.folder / ERRORS_DIR / e["file"]) for e in self.manifest["shards"]]
+        errors = pa.concat_tables(parts) if parts else ERROR_SCHEMA.empty_table()
+        write_atomically(self.folder / ERRORS, lambda p: pq.write_table(errors, p))
+        self.manifest["complete"] = True
+        self.manifest["rows"] = sum(e.get("rows", 0) for e in self.manifest["shards"])
+        self.manifest["errors"] = errors.num_rows
+        self.save()
+        return errors

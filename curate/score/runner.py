@@ -1,0 +1,257 @@
+"""`curate score`: run the teacher once over a pool and write the scored pool (see curate/score/output.py).
+
+The steps, in order: open the pool and the teacher -> plan shards and open
+(or resume) the output -> score the noise reference (or reuse the stored one)
+-> stream the remaining shards: decode in DataLoader workers, forward with
+hooks on the main thread, convert and write Parquet on a writer thread ->
+gather errors and summarise.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from curate.device import pick_device
+from curate.errors import UserError
+from curate.pools import PoolBatch, PoolDataset, collate_samples, open_pool
+from curate.pools.generated import NoisePool
+from curate.score.indicators import INDICATORS, TeacherProbe
+from curate.score.output import ScoredOutput, Shard, plan_shards
+from curate.score.reference import Reference
+from curate.score.schema import record_batch, scored_schema
+from curate.teachers import Teacher, load_teacher, read_meta_file
+
+
+@dataclass
+class ScoreConfig:
+    teacher: Path
+    pool: str
+    out: Path
+    root: Path | None = None
+    pool_options: dict = field(default_factory=dict)
+    teacher_meta: Path | None = None
+    trust_pickle: bool = False
+    batch_size: int = 256
+    workers: int = 1
+    shard_rows: int = 65536
+    limit: int | None = None
+    device: str = "auto"
+    autocast: bool | None = None  # None: on CUDA only
+    channels_last: bool = True
+    reference_count: int = 2048
+    seed: int = 0
+
+
+@dataclass
+class ScoreSummary:
+    out: Path
+    rows: int
+    errors: int
+    shards_written: int
+    shards_skipped: int
+    seconds: float
+    per_source: dict[str, dict[str, float]]
+
+
+class ForwardPass:
+    """Normalise a uint8 batch on the device and run the probed teacher under inference mode."""
+
+    def __init__(self, teacher: Teacher, device: torch.device, autocast: bool, channels_last: bool) -> None:
+        self.model = teacher.model
+        if channels_last and not isinstance(self.model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.probe = TeacherProbe(self.model)
+        self.normalize = teacher.spec.normalize()
+        self.device = device
+        self.channels_last = channels_last
+        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else nullcontext()
+
+    def __call__(self, images: torch.Tensor):
+        x = self.normalize(images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.autocast:
+            return self.probe(x)
+
+
+def shard_batches(shards: list[Shard], batch_size: int) -> list[list[int]]:
+    """Batches of pool positions that never cross a shard boundary, so a resumed run forms the same batches."""
+    return [list(range(b, min(b + batch_size, s.stop))) for s in shards for b in range(s.start, s.stop, batch_size)]
+
+
+def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: int, batch_size: int) -> Reference:
+    spec = teacher.spec
+    noise = NoisePool(count=count, size=spec.image_size, channels=spec.in_channels, seed=seed, name="reference")
+    loader = DataLoader(PoolDataset(noise, spec.geometry()), batch_size=batch_size, collate_fn=collate_samples)
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in INDICATORS}
+    for batch in loader:
+        scores = forward(batch.images)
+        for name in INDICATORS:
+            values[name].append(scores.indicators[name])
+    return Reference.fit({name: torch.cat(v) for name, v in values.items()})
+
+
+class ShardWriterThread:
+    """Writes finished shards (concatenate, Parquet, rename, manifest) while the main thread keeps scoring."""
+
+    def __init__(self, output: ScoredOutput) -> None:
+        self.output = output
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.failure is None:
+                shard, schema, batches, errors = item
+                try:
+                    self.output.write_shard(shard, pa.Table.from_batches(batches, schema=schema), errors)
+                except BaseException as err:  # handed to the main thread, which re-raises it
+                    self.failure = err
+
+    def submit(self, shard: Shard, schema: pa.Schema, batches: list[pa.RecordBatch], errors: list) -> None:
+        self.check()
+        self.queue.put((shard, schema, batches, errors))
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self.check()
+
+
+def _batches_with_shards(loader: DataLoader, plan: list[list[int]], shard_rows: int) -> Iterator[tuple[int, PoolBatch]]:
+    for positions, batch in zip(plan, loader):
+        yield positions[0] // shard_rows, batch
+
+
+def score_pool(cfg: ScoreConfig) -> ScoreSummary:
+    started = time.perf_counter()
+    device = pick_device(cfg.device)
+    teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device)
+    pool = open_pool(cfg.pool, cfg.root, cfg.pool_options)
+    rows = len(pool) if cfg.limit is None else min(cfg.limit, len(pool))
+    if rows == 0:
+        raise UserError(f"pool {cfg.pool} has no samples to score: check --pool and --root")
+    shards = plan_shards(rows, cfg.shard_rows)
+
+    output = ScoredOutput(cfg.out)
+    identity = {
+        "teacher": {"fingerprint": teacher.fingerprint, "meta": teacher.meta},
+        "pool": {"arg": cfg.pool, "options": cfg.pool_options, "description": pool.describe()},
+        "settings": {"shard_rows": cfg.shard_rows, "batch_size": cfg.batch_size, "limit": cfg.limit,
+                     "reference_count": cfg.reference_count, "seed": cfg.seed, "rows": rows},
+    }
+    output.open(identity, shards)
+    done = output.complete_shards()
+    todo = [s for s in shards if s.index not in done]
+
+    autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
+    forward = ForwardPass(teacher, device, autocast, cfg.channels_last)
+    if output.manifest["reference"] is None:
+        reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
+        output.manifest["reference"] = reference.to_json()
+        output.manifest["teacher"] = {"path": str(cfg.teacher), "format": teacher.format,
+                                      "batchnorm_layers": forward.probe.batchnorm_layers,
+                                      "indicators": reference.available()}
+        output.save()
+    reference = Reference.from_json(output.manifest["reference"])
+
+    embedding_dim = _embedding_dim(forward, teacher)
+    metadata = {"format": output.manifest["format"], "teacher_fingerprint": teacher.fingerprint,
+                "class_names": teacher.class_names, "input_spec": teacher.spec.to_meta(),
+                "pool": cfg.pool, "code_version": output.manifest["code_version"]}
+    schema = scored_schema(teacher.num_classes, embedding_dim, metadata)
+    if output.manifest["columns"] is None:
+        output.manifest["columns"] = schema.names
+        output.save()
+
+    written = 0
+    if todo:
+        written = _score_shards(cfg, pool, teacher, forward, reference, schema, output, todo)
+    errors = output.finish()
+    return ScoreSummary(cfg.out, output.manifest["rows"], errors.num_rows, written, len(shards) - len(todo),
+                        time.perf_counter() - started, _per_source(cfg.out))
+
+
+def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
+    scores = forward(torch.zeros(1, *teacher.spec.shape(), dtype=torch.uint8))
+    return None if scores.embedding is None else int(scores.embedding.shape[1])
+
+
+def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass, reference: Reference,
+                  schema: pa.Schema, output: ScoredOutput, todo: list[Shard]) -> int:
+    plan = shard_batches(todo, cfg.batch_size)
+    loader = DataLoader(
+        PoolDataset(pool, teacher.spec.geometry()),
+        batch_sampler=plan,
+        num_workers=cfg.workers,
+        collate_fn=collate_samples,
+        prefetch_factor=4 if cfg.workers > 0 else None,
+        pin_memory=forward.device.type == "cuda",
+    )
+    by_index = {s.index: s for s in todo}
+    writer = ShardWriterThread(output)
+    current: int | None = None
+    pending: list[pa.RecordBatch] = []
+    errors: list[tuple[str, str]] = []
+    total = sum(s.stop - s.start for s in todo)
+    columns = [TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+               TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    start = time.perf_counter()
+    seen = 0
+    try:
+        with Progress(*columns) as progress:
+            task = progress.add_task("score", total=total, rate="")
+            for shard_index, batch in _batches_with_shards(loader, plan, cfg.shard_rows):
+                if current is not None and shard_index != current:
+                    writer.submit(by_index[current], schema, pending, errors)
+                    pending, errors = [], []
+                current = shard_index
+                errors.extend((uid, reason) for _, uid, reason in batch.errors)
+                if len(batch.indices):
+                    scores = forward(batch.images)
+                    z = reference.standardize(scores.indicators)
+                    keys = [uid.split(":", 1)[1] for uid in batch.uids]
+                    pending.append(record_batch(schema, batch.uids, batch.sources, keys, batch.labels, scores, z,
+                                                reference.relatedness(z)))
+                seen += len(batch.indices) + len(batch.errors)
+                rate = seen / max(time.perf_counter() - start, 1e-9)
+                progress.update(task, advance=len(batch.indices) + len(batch.errors), rate=f"{rate:,.0f} img/s")
+            if current is not None:
+                writer.submit(by_index[current], schema, pending, errors)
+    finally:
+        writer.close()
+    return len(todo)
+
+
+def _per_source(folder: Path) -> dict[str, dict[str, float]]:
+    """Rows, mean relatedness and mean confidence per source, read back from the written shards."""
+    table = ds.dataset(str(folder), format="parquet", exclude_invalid_files=True,
+                       ignore_prefixes=["_", "."]).to_table(columns=["source", "relatedness", "confidence"])
+    if table.num_rows == 0:
+        return {}
+    table = table.set_column(0, "source", table["source"].cast(pa.string()))  # batches carry different dictionaries
+    grouped = table.group_by("source").aggregate([("relatedness", "mean"), ("confidence", "mean"), ("source", "count")])
+    result = {}
+    for row in grouped.to_pylist():
+        result[str(row["source"])] = {"rows": row["source_count"], "relatedness": row["relatedness_mean"],
+                                      "confidence": row["confidence_mean"]}
+    return result
