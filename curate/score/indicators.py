@@ -25,7 +25,6 @@ LOGIT_INDICATORS = ("msp", "neg_energy", "neg_entropy")
 BN_INDICATORS = ("bn_mean", "bn_var")
 FEATURE_INDICATORS = ("feat_norm", "cos_class")
 INDICATORS = LOGIT_INDICATORS + BN_INDICATORS + FEATURE_INDICATORS
-FAMILIES = {"logits": LOGIT_INDICATORS, "batchnorm": BN_INDICATORS, "features": FEATURE_INDICATORS}
 
 _EPS = 1e-5
 

@@ -3,11 +3,26 @@
 The reference needs no in-distribution data: a few thousand noise images
 (uniform, Gaussian, smooth blobs) at the teacher's input spec, scored by the
 same teacher in the same run. Each indicator becomes a z-score against that
-noise; ``relatedness`` averages the z-scores within each family (logits,
-BatchNorm, features) and sums the families, so a family with more indicators
-does not outvote the others. The prototype found standardising on the pool
-itself or by ranks much worse (AUROC 0.60 against 0.90): the pool's own
-statistics depend on what the pool happens to contain.
+noise (every ``ood_*`` column), and ``relatedness`` is the sum of the three
+whose direction is fixed by construction:
+
+- the channel-mean and channel-variance deviations from every BatchNorm
+  layer's running statistics (the running statistics are the teacher's own
+  data, so smaller deviation means closer to it);
+- the cosine between the penultimate features and the predicted class's
+  weight vector.
+
+Measured AUROC of a teacher's held-out data against a heterogeneous rest
+(Fashion-MNIST resnet8 / MNIST resnet8): this sum 0.970 / 0.844; all seven
+indicators in three family means 0.939 / 0.681; BN alone 0.807 / 0.804.
+Logit scores and the feature norm are kept as columns but left out of the
+sum: small teachers are more confident, and have larger features, on noise
+and smooth photo patches than on their own data (energy 0.72 / 0.32,
+feature norm 0.53 / 0.18), so their direction cannot be trusted without
+in-distribution samples. A teacher without BatchNorm falls back on the
+cosine plus max-softmax. Standardising on the pool itself instead of noise
+did much worse in the prototype (0.60 against 0.90): the pool's statistics
+depend on what it happens to contain.
 """
 
 from __future__ import annotations
@@ -17,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curate.score.indicators import FAMILIES, INDICATORS
+from curate.score.indicators import INDICATORS
 
 # A floor on the reference spread: an indicator that is constant on noise would otherwise explode.
 _MIN_STD = 1e-3
@@ -62,15 +77,17 @@ class Reference:
         return {name: ((values[name].double() - self.mean[name]) / self.std[name]).clamp(-_Z_CLIP, _Z_CLIP).float()
                 for name in INDICATORS}
 
-    def relatedness(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum over families of the mean z-score of the family's available indicators."""
+    def relatedness_terms(self) -> list[str]:
+        """The indicators whose z-scores are summed into ``relatedness``."""
         available = set(self.available())
-        total = torch.zeros_like(z[INDICATORS[0]])
-        for members in FAMILIES.values():
-            present = [z[name] for name in members if name in available]
-            if present:
-                total = total + torch.stack(present).mean(0)
-        return total
+        if {"bn_mean", "bn_var"} <= available:
+            terms = ["bn_mean", "bn_var", "cos_class"]
+        else:
+            terms = ["cos_class", "msp"]
+        return [t for t in terms if t in available] or ["msp"]
+
+    def relatedness(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([z[name] for name in self.relatedness_terms()]).sum(0)
 
 
 def _nan_to_none(values: dict[str, float]) -> dict[str, float | None]:

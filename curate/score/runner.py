@@ -170,7 +170,8 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
         output.manifest["reference"] = reference.to_json()
         output.manifest["teacher"] = {"path": str(cfg.teacher), "format": teacher.format,
                                       "batchnorm_layers": forward.probe.batchnorm_layers,
-                                      "indicators": reference.available()}
+                                      "indicators": reference.available(),
+                                      "relatedness": reference.relatedness_terms()}
         output.save()
     reference = Reference.from_json(output.manifest["reference"])
 

