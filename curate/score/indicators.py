@@ -79,7 +79,9 @@ class TeacherProbe:
 
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].float()
-        var, mean = torch.var_mean(x, dim=(2, 3), unbiased=False)
+        # E[x^2] - E[x]^2 instead of torch.var_mean: Welford's pass is 5-15x slower on these shapes.
+        mean = x.mean((2, 3))
+        var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
         running_var = module.running_var.float() + _EPS
         mean_dev = ((mean - module.running_mean.float()).square() / running_var).mean(1)
         var_dev = torch.log((var + _EPS) / running_var).square().mean(1)
