@@ -52,7 +52,8 @@ def score(
     teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding the teacher's input spec")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the file)")] = False,
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes decoding the pool")] = 1,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes decoding the pool "
+                                                "(default: 0 for array-backed pools, one per core for files/glyphs)")] = None,
     shard_rows: Annotated[int, typer.Option(min=1, help="pool positions per Parquet shard (the unit of resume)")] = 65536,
     limit: Annotated[int | None, typer.Option(min=1, help="score only the first N samples of the pool")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",

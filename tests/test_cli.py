@@ -126,3 +126,19 @@ def test_eval_refuses_a_dataset_with_another_class_count(tmp_path: Path, capsys)
     code, _, err = run(train_main, ["eval", "--model", str(path), "--dataset", "digits"], capsys)
     assert code == 2 and "predicts 3 classes" in err
     assert torch.load(path, weights_only=True)["arch"] == "lenet5"
+
+
+def test_curate_score_bad_input(tmp_path: Path, teacher_files, capsys) -> None:
+    cases = [
+        (["score", "--teacher", str(tmp_path / "none.pt"), "--pool", "digits", "--out", str(tmp_path / "s")], "not found"),
+        (["score", "--teacher", str(teacher_files["pickle"]), "--pool", "digits", "--out", str(tmp_path / "s")],
+         "--trust-pickle"),
+        (["score", "--teacher", str(teacher_files["checkpoint"]), "--pool", "hubble", "--out", str(tmp_path / "s")],
+         "unknown pool kind"),
+        (["score", "--teacher", str(teacher_files["checkpoint"]), "--pool", "noise", "-o", "colour=red", "--out",
+          str(tmp_path / "s")], "no option colour"),
+    ]
+    for argv, message in cases:
+        code, _, err = run(curate_main, argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)
+    assert not (tmp_path / "s" / "part-00000.parquet").exists()

@@ -49,6 +49,10 @@ class Pool(abc.ABC):
     root_help: ClassVar[str] = "folder holding the dataset's files"
     _transient: ClassVar[tuple[str, ...]] = ()
 
+    # Array-backed pools read a sample in microseconds; decoding files or rendering glyphs takes
+    # around a millisecond, which is when DataLoader worker processes pay for themselves.
+    cheap_to_read: ClassVar[bool] = True
+
     source: str
     class_names: list[str] | None = None
 

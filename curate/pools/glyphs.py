@@ -101,6 +101,7 @@ def font_code_points(path: Path, intervals: list[tuple[int, int]]) -> tuple[list
 
 @register
 class GlyphsPool(Pool):
+    cheap_to_read = False
     kind = "glyphs"
     summary = "characters rendered from TTF/OTF fonts (kana, kanji, Latin, digits, emoji, any code-point range)"
     options = {

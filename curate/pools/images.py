@@ -53,6 +53,7 @@ def parse_background(value: str) -> tuple[int, int, int]:
 
 @register
 class FolderPool(Pool):
+    cheap_to_read = False
     kind = "folder"
     summary = "any tree of JPEG/PNG/WebP files, read recursively one file at a time"
     options = {
@@ -100,6 +101,7 @@ class FolderPool(Pool):
 
 @register
 class PatchesPool(Pool):
+    cheap_to_read = False
     kind = "patches"
     summary = "random square crops of varied size from a folder of large photos (seeded, as many as asked)"
     options = {

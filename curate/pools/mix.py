@@ -120,6 +120,10 @@ class MixPool(Pool):
         pool.source = entry["name"]
         return MixSource(entry["name"], pool, _subset(entry, pool, seed, takes_count))
 
+    @property
+    def cheap_to_read(self) -> bool:  # type: ignore[override]
+        return all(s.pool.cheap_to_read for s in self.sources)
+
     def __len__(self) -> int:
         return sum(len(s) for s in self.sources)
 

@@ -9,6 +9,7 @@ gather errors and summarise.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -44,7 +45,7 @@ class ScoreConfig:
     teacher_meta: Path | None = None
     trust_pickle: bool = False
     batch_size: int = 256
-    workers: int = 1
+    workers: int | None = None  # None: none for array-backed pools, one per core for decoded ones
     shard_rows: int = 65536
     limit: int | None = None
     device: str = "auto"
@@ -200,12 +201,13 @@ def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
 def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass, reference: Reference,
                   schema: pa.Schema, output: ScoredOutput, todo: list[Shard]) -> int:
     plan = shard_batches(todo, cfg.batch_size)
+    workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
     loader = DataLoader(
         PoolDataset(pool, teacher.spec.geometry()),
         batch_sampler=plan,
-        num_workers=cfg.workers,
+        num_workers=workers,
         collate_fn=collate_samples,
-        prefetch_factor=4 if cfg.workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None,
         pin_memory=forward.device.type == "cuda",
     )
     by_index = {s.index: s for s in todo}
