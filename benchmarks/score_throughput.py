@@ -77,15 +77,16 @@ def bare_forward(teacher: Path, images: Path, batch_size: int) -> float:
         return len(tensor) / (time.perf_counter() - start)
 
 
-def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: int) -> float:
-    """Images/s of `curate score` end to end, from the .npy on disk to Parquet on disk."""
+def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None,
+             reference_count: int) -> float:
+    """Images/s of `curate score` end to end, from the .npy on disk to Parquet on disk (noise reference included)."""
     start = time.perf_counter()
     summary = score_pool(ScoreConfig(teacher=teacher, pool="npy", root=images, out=out, batch_size=batch_size,
-                                     workers=workers))
+                                     workers=workers, reference_count=reference_count))
     return summary.rows / (time.perf_counter() - start)
 
 
-def peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int) -> float:
+def peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None) -> float:
     """Peak RSS of a fresh process running the scorer (children included: DataLoader workers)."""
     code = ("import sys, resource; from pathlib import Path; from curate.score import ScoreConfig, score_pool; "
             f"score_pool(ScoreConfig(teacher=Path({str(teacher)!r}), pool='npy', root=Path({str(images)!r}), "
@@ -101,26 +102,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, under a minute")
     parser.add_argument("--images", type=int, default=None, help="images per throughput case (default 50000)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: curate's choice)")
+    parser.add_argument("--reference-count", type=int, default=None,
+                        help="noise reference size (default curate's 2048; 256 with --quick)")
     parser.add_argument("--rss-rows", type=int, nargs=2, default=None, help="the two pool sizes for peak RSS")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
     count = args.images or (4000 if args.quick else 50000)
-    rss_rows = args.rss_rows or ([10000, 40000] if args.quick else [100000, 1000000])
+    rss_rows = args.rss_rows or ([5000, 20000] if args.quick else [100000, 1000000])
+    reference_count = args.reference_count or (256 if args.quick else 2048)
     figures: dict = {"threads": torch.get_num_threads(), "batch_size": args.batch_size, "workers": args.workers,
-                     "images": count, "cases": {}}
+                     "reference_count": reference_count, "cases": {}}
     with tempfile.TemporaryDirectory(prefix="score-bench-") as tmp:
         folder = Path(tmp)
         ratios = []
         for name, (arch, channels, size) in CASES.items():
-            if args.quick and arch == "resnet18":
-                count_here = min(count, 1000)
-            else:
-                count_here = count
+            count_here = min(count, 500) if args.quick and arch == "resnet18" else count
             teacher = make_teacher(folder, arch, channels, size)
             images = make_images(folder, count_here, channels, size)
             baseline = bare_forward(teacher, images, args.batch_size)
-            scored = pipeline(teacher, images, folder / f"scored-{arch}", args.batch_size, args.workers)
+            scored = pipeline(teacher, images, folder / f"scored-{arch}", args.batch_size, args.workers, reference_count)
             ratio = scored / baseline
             ratios.append(ratio)
             figures["cases"][name] = {"images": count_here, "bare_forward_img_s": round(baseline, 1),

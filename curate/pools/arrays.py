@@ -10,6 +10,7 @@ import scipy.io
 
 from curate.errors import UserError
 from curate.pools.base import Pool, check_split, require_file
+from curate.pools.filearray import FileArray, npy_array
 from curate.pools.registry import default_root, register
 
 
@@ -81,14 +82,14 @@ class Stl10Pool(Pool):
             raise UserError(f"{self.labels_path} does not hold one label per image of {self.images_path}")
 
     @cached_property
-    def images(self) -> np.ndarray:
-        return np.memmap(self.images_path, dtype=np.uint8, mode="r", shape=(self.count, 3, self.side, self.side))
+    def images(self) -> FileArray:
+        return FileArray(self.images_path, np.uint8, (self.count, 3, self.side, self.side), 0)
 
     @cached_property
     def labels(self) -> np.ndarray | None:
         if self.labels_path is None:
             return None
-        return np.memmap(self.labels_path, dtype=np.uint8, mode="r")
+        return np.fromfile(self.labels_path, dtype=np.uint8)  # one byte per image
 
     def __len__(self) -> int:
         return self.count
@@ -106,7 +107,7 @@ class Stl10Pool(Pool):
 @register
 class NpyPool(Pool):
     kind = "npy"
-    summary = "a .npy array of uint8 images, N x H x W or N x H x W x C (memory-mapped)"
+    summary = "a .npy array of uint8 images, N x H x W or N x H x W x C (read sample by sample)"
     options = {"labels": "optional .npy of N integer labels", "name": "source name (default: the file's stem)"}
     root_help = "the .npy file itself"
     _transient = ("images", "labels_array")
@@ -128,9 +129,9 @@ class NpyPool(Pool):
             raise UserError(f"{self.labels_path} has {len(self.labels_array)} labels for {len(self.images)} images")
 
     @cached_property
-    def images(self) -> np.ndarray:
+    def images(self) -> FileArray:
         try:
-            return np.load(self.path, mmap_mode="r", allow_pickle=False)
+            return npy_array(self.path)
         except ValueError as err:
             raise UserError(f"{self.path} is not a readable .npy array ({err}): save it with numpy.save") from None
 

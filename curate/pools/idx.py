@@ -1,8 +1,8 @@
 """MNIST-family datasets in the IDX format (gzip or not): mnist, fashion-mnist, kmnist.
 
-Uncompressed files are memory-mapped. Gzipped files are decompressed once into
-the user's cache folder and memory-mapped from there, so even EMNIST-sized
-files are never held in memory.
+Samples are read one record at a time with positioned reads. Gzipped files
+are decompressed once into the user's cache folder and read from there, so
+even EMNIST-sized files are never held in memory.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 
 from curate.errors import UserError
 from curate.pools.base import Pool, check_split, find_first
+from curate.pools.filearray import FileArray
 from curate.pools.registry import default_root, register
 
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -51,8 +52,8 @@ def _plain_copy(path: Path) -> Path:
     return target
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Memory-map an IDX file (after decompressing a gzipped one into the cache)."""
+def read_idx(path: Path) -> FileArray:
+    """An IDX file read record by record (after decompressing a gzipped one into the cache)."""
     plain = _plain_copy(path)
     with open(plain, "rb") as f:
         header = f.read(4)
@@ -65,7 +66,7 @@ def read_idx(path: Path) -> np.ndarray:
     expected = offset + int(np.prod(dims)) * dtype.itemsize
     if plain.stat().st_size < expected:
         raise UserError(f"{path} is truncated ({plain.stat().st_size} of {expected} bytes): re-download it")
-    return np.memmap(plain, dtype=dtype, mode="r", offset=offset, shape=dims)
+    return FileArray(plain, dtype, dims, offset)
 
 
 class IdxPool(Pool):
@@ -101,14 +102,14 @@ class IdxPool(Pool):
         )
 
     @cached_property
-    def images(self) -> np.ndarray:
+    def images(self) -> FileArray:
         array = read_idx(self.images_path)
         if array.ndim != 3 or array.dtype != np.uint8:
             raise UserError(f"{self.images_path} holds {array.dtype} of shape {array.shape}, not N x H x W uint8 images")
         return array
 
     @cached_property
-    def labels(self) -> np.ndarray:
+    def labels(self) -> FileArray:
         return read_idx(self.labels_path)
 
     def __len__(self) -> int:

