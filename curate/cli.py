@@ -54,7 +54,7 @@ def score(
     batch_size: Annotated[int, typer.Option(min=1)] = 256,
     workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes decoding the pool "
                                                 "(default: 0 for array-backed pools, one per core for files/glyphs)")] = None,
-    shard_rows: Annotated[int, typer.Option(min=1, help="pool positions per Parquet shard (the unit of resume)")] = 16384,
+    shard_rows: Annotated[int, typer.Option(min=1, help="pool positions per Parquet shard (the unit of resume)")] = 65536,
     limit: Annotated[int | None, typer.Option(min=1, help="score only the first N samples of the pool")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     autocast: Annotated[bool | None, typer.Option(help="bf16/fp16 autocast (default: on for CUDA, off on CPU)")] = None,

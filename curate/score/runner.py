@@ -48,7 +48,7 @@ class ScoreConfig:
     trust_pickle: bool = False
     batch_size: int = 256
     workers: int | None = None  # None: none for array-backed pools, one per core for decoded ones
-    shard_rows: int = 16384
+    shard_rows: int = 65536
     limit: int | None = None
     device: str = "auto"
     autocast: bool | None = None  # None: on CUDA only
