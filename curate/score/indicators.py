@@ -64,10 +64,10 @@ class TeacherProbe:
         self.split_forward = False
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
         eager = not isinstance(model, torch.jit.ScriptModule) and not isinstance(model, torch.fx.GraphModule)
+        batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+        self.batchnorm_layers = len(batchnorms) if eager else 0
         if eager:
-            for module in model.modules():
-                if isinstance(module, nn.BatchNorm2d) and module.track_running_stats:
-                    self.hooks.append(module.register_forward_pre_hook(self._bn_hook))
+            self.hooks += [m.register_forward_pre_hook(self._bn_hook) for m in batchnorms]
             last_linear = _final_linear(model)
             if last_linear is not None:
                 self.classifier_weight = last_linear.weight
@@ -75,7 +75,6 @@ class TeacherProbe:
         elif hasattr(model, "features") and hasattr(model, "classifier"):
             self.split_forward = True
             self.classifier_weight = model.classifier.weight
-        self.batchnorm_layers = len(self.hooks) - (self.classifier_weight is not None and not self.split_forward)
 
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].float()
