@@ -200,10 +200,12 @@ def test_sigkill_then_resume_gives_identical_files(scored: Path, teacher_path: P
     process.wait()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert not manifest["complete"], "the run finished before it could be killed: make the pool bigger"
-    assert not list(out.glob("*.parquet.tmp*"))  # a renamed shard is whole; temporaries carry a leading dot
+    # the shard being streamed is a temporary with a leading dot, which readers skip; renamed shards are whole
+    assert all(p.name.startswith(".") for p in out.rglob("*.tmp-*"))
     resumed = subprocess.run(command, capture_output=True, text=True, check=False)
     assert resumed.returncode == 0, resumed.stderr
     assert "already complete" in resumed.stdout
+    assert not list(out.rglob("*.tmp-*")), "the killed run's temporaries are removed on resume"
     expected = sorted(p.name for p in scored.glob("part-*.parquet"))
     assert sorted(p.name for p in out.glob("part-*.parquet")) == expected
     for name in expected:

@@ -20,11 +20,13 @@ class PoolBatch:
     labels: torch.Tensor  # int64, -1 where the source has no label
     uids: list[str]
     sources: list[str]
+    keys: list[str]
     errors: list[tuple[int, str, str]]
 
 
 class PoolDataset(Dataset):
-    """``dataset[i]`` -> (i, uid, source, image, label) or (i, uid, source, None, reason) for an unreadable sample."""
+    """``dataset[i]`` -> (i, uid, source, key, image, label), or (i, uid, "", "", None, reason) for an
+    unreadable sample."""
 
     def __init__(self, pool: Pool, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  indices: Sequence[int] | None = None) -> None:
@@ -40,23 +42,24 @@ class PoolDataset(Dataset):
         try:
             sample = self.pool.sample(index)
         except SampleError as err:
-            return index, self.pool.uid(index), "", None, str(err)
+            return index, self.pool.uid(index), "", "", None, str(err)
         image = self.transform(sample.image) if self.transform is not None else sample.image
-        return index, sample.uid, sample.source, image, -1 if sample.label is None else sample.label
+        return index, sample.uid, sample.source, sample.key, image, -1 if sample.label is None else sample.label
 
 
 def collate_samples(items: list[tuple]) -> PoolBatch:
-    good = [item for item in items if item[3] is not None]
-    errors = [(item[0], item[1], item[4]) for item in items if item[3] is None]
+    good = [item for item in items if item[4] is not None]
+    errors = [(item[0], item[1], item[5]) for item in items if item[4] is None]
     if good:
-        images = torch.stack([item[3] for item in good])
+        images = torch.stack([item[4] for item in good])
     else:
         images = torch.empty(0)
     return PoolBatch(
         indices=torch.tensor([item[0] for item in good], dtype=torch.int64),
         images=images,
-        labels=torch.tensor([item[4] for item in good], dtype=torch.int64),
+        labels=torch.tensor([item[5] for item in good], dtype=torch.int64),
         uids=[item[1] for item in good],
         sources=[item[2] for item in good],
+        keys=[item[3] for item in good],
         errors=errors,
     )

@@ -7,8 +7,8 @@ scored/_errors.parquet           unreadable samples (uid, error), written when t
 scored/_errors/part-*.parquet    the same, per shard, while the run is in progress
 ```
 
-A shard is written under a temporary name and renamed when complete, then
-marked complete in the manifest (itself replaced atomically). A rerun skips
+A shard is streamed into a file under a temporary name and renamed when
+complete, then marked complete in the manifest (itself replaced atomically). A rerun skips
 shards that are marked complete and present; anything else is recomputed
 from scratch, so a kill at any point leaves nothing a reader would take for
 finished.
@@ -32,6 +32,7 @@ FORMAT = "curate.scored/1"
 MANIFEST = "_manifest.json"
 ERRORS = "_errors.parquet"
 ERRORS_DIR = "_errors"
+ROW_GROUP_ROWS = 16384
 ERROR_SCHEMA = pa.schema([("uid", pa.string()), ("error", pa.string())])
 
 
@@ -50,15 +51,33 @@ def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
     return [Shard(i, start, min(start + shard_rows, rows)) for i, start in enumerate(range(0, rows, shard_rows))]
 
 
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def _write_error(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out")
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def write_atomically(path: Path, write: Any) -> None:
     """Call ``write(temp_path)``, then rename over ``path``; on failure leave no file behind."""
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp = temporary_name(path)
     try:
         write(temp)
         os.replace(temp, path)
     except OSError as err:
         temp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out") from None
+        raise _write_error(path, err) from None
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
@@ -67,6 +86,58 @@ def write_atomically(path: Path, write: Any) -> None:
 def normalized(value: Any) -> Any:
     """JSON round trip: the form an identity takes once stored, so stored and fresh compare equal."""
     return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+class ShardFile:
+    """One shard streamed to disk: record batches go into an open Parquet writer under a temporary name,
+    gathered into row groups of ``ROW_GROUP_ROWS`` so no more than one row group is ever held in memory;
+    ``commit`` renames the file into place and marks the shard complete, ``abort`` removes it."""
+
+    def __init__(self, output: ScoredOutput, shard: Shard, schema: pa.Schema) -> None:
+        self.output = output
+        self.shard = shard
+        self.path = output.folder / shard.file
+        self.temp = temporary_name(self.path)
+        self.rows = 0
+        self.buffered: list[pa.RecordBatch] = []
+        self.buffered_rows = 0
+        try:
+            self.writer = pq.ParquetWriter(self.temp, schema)
+        except OSError as err:
+            raise _write_error(self.path, err) from None
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.buffered.append(batch)
+        self.buffered_rows += batch.num_rows
+        if self.buffered_rows >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffered:
+            try:
+                self.writer.write_table(pa.Table.from_batches(self.buffered), row_group_size=ROW_GROUP_ROWS)
+            except OSError as err:
+                self.abort()
+                raise _write_error(self.path, err) from None
+            self.rows += self.buffered_rows
+            self.buffered, self.buffered_rows = [], 0
+
+    def commit(self, errors: list[tuple[str, str]]) -> None:
+        self._flush()
+        try:
+            self.writer.close()
+            os.replace(self.temp, self.path)
+        except OSError as err:
+            self.abort()
+            raise _write_error(self.path, err) from None
+        self.output.commit_shard(self.shard, self.rows, errors)
+
+    def abort(self) -> None:
+        try:
+            self.writer.close()
+        except OSError:
+            pass
+        self.temp.unlink(missing_ok=True)
 
 
 class ScoredOutput:
@@ -98,6 +169,7 @@ class ScoredOutput:
                         f"{self.folder} was scored with {what}: use a new --out, or delete it to start over"
                     )
             self.manifest = existing
+            self.remove_stale_temporaries()
             return
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -124,16 +196,25 @@ class ScoredOutput:
         return {i for i, entry in enumerate(self.manifest["shards"])
                 if entry["complete"] and (self.folder / entry["file"]).exists()}
 
-    def write_shard(self, shard: Shard, table: pa.Table, errors: list[tuple[str, str]]) -> None:
-        """Errors first, then the shard under a temporary name, renamed; then the manifest marks it complete."""
+    def open_shard(self, shard: Shard, schema: pa.Schema) -> ShardFile:
+        return ShardFile(self, shard, schema)
+
+    def commit_shard(self, shard: Shard, rows: int, errors: list[tuple[str, str]]) -> None:
+        """Called by ``ShardFile.commit`` once the shard is renamed into place: errors, then the manifest marker."""
         errors_dir = self.folder / ERRORS_DIR
         errors_dir.mkdir(exist_ok=True)
         error_table = pa.table({"uid": [u for u, _ in errors], "error": [e for _, e in errors]}, schema=ERROR_SCHEMA)
         write_atomically(errors_dir / shard.file, lambda p: pq.write_table(error_table, p))
-        write_atomically(self.folder / shard.file, lambda p: pq.write_table(table, p, row_group_size=16384))
         entry = self.manifest["shards"][shard.index]
-        entry.update(complete=True, rows=table.num_rows, errors=len(errors))
+        entry.update(complete=True, rows=rows, errors=len(errors))
         self.save()
+
+    def remove_stale_temporaries(self) -> None:
+        """Temporary files left by killed runs (their pid no longer exists); a live run's are left alone."""
+        for path in list(self.folder.glob(".*.tmp-*")) + list(self.folder.glob(f"{ERRORS_DIR}/.*.tmp-*")):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _process_exists(int(pid)):
+                path.unlink(missing_ok=True)
 
     def finish(self) -> pa.Table:
         """Gather the per-shard error files into ``_errors.parquet`` and mark the run complete."""

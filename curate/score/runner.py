@@ -21,17 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
 from curate.device import pick_device
 from curate.errors import UserError
-from curate.pools import PoolBatch, PoolDataset, collate_samples, open_pool
+from curate.pools import PoolDataset, collate_samples, open_pool
 from curate.pools.generated import NoisePool
 from curate.score.indicators import INDICATORS, TeacherProbe
-from curate.score.output import ScoredOutput, Shard, plan_shards
+from curate.score.output import ScoredOutput, Shard, ShardFile, plan_shards
 from curate.score.reference import Reference
 from curate.score.schema import record_batch, scored_schema
 from curate.teachers import Teacher, load_teacher, read_meta_file
@@ -90,9 +90,21 @@ class ForwardPass:
             return self.probe(x)
 
 
-def shard_batches(shards: list[Shard], batch_size: int) -> list[list[int]]:
-    """Batches of pool positions that never cross a shard boundary, so a resumed run forms the same batches."""
-    return [list(range(b, min(b + batch_size, s.stop))) for s in shards for b in range(s.start, s.stop, batch_size)]
+class ShardBatches:
+    """Batches of pool positions that never cross a shard boundary, so a resumed run forms the same batches.
+    Ranges made on the fly: a plan of a billion rows costs nothing to hold."""
+
+    def __init__(self, shards: list[Shard], batch_size: int) -> None:
+        self.shards = shards
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[range]:
+        for shard in self.shards:
+            for start in range(shard.start, shard.stop, self.batch_size):
+                yield range(start, min(start + self.batch_size, shard.stop))
+
+    def __len__(self) -> int:
+        return sum(-(-(s.stop - s.start) // self.batch_size) for s in self.shards)
 
 
 def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: int, batch_size: int) -> Reference:
@@ -118,37 +130,61 @@ _MALLOC_TRIM = _load_malloc_trim()
 
 
 def release_freed_memory() -> None:
-    """Give freed heap back to the OS. glibc keeps it in per-thread arenas, and over a long run the
-    writer thread's shard buffers made RSS creep up (measured: 1.29 GB at 100k rows, 1.82 GB at 1M)."""
+    """Give freed heap back to the OS. glibc keeps it in per-thread arenas and Arrow's mimalloc pool keeps
+    its own; over a long run the writer thread's buffers made RSS creep up (1.29 GB at 100k rows, 1.82 GB
+    at 1M, before this was called after each shard)."""
+    pa.default_memory_pool().release_unused()
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
 
 
 class ShardWriterThread:
-    """Writes finished shards (concatenate, Parquet, rename, manifest) while the main thread keeps scoring."""
+    """Streams record batches into shard files (Parquet encoding, rename, manifest) off the main thread."""
 
-    def __init__(self, output: ScoredOutput) -> None:
+    def __init__(self, output: ScoredOutput, schema: pa.Schema, queued_batches: int = 64) -> None:
         self.output = output
-        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.schema = schema
+        self.queue: queue.Queue = queue.Queue(maxsize=queued_batches)
         self.failure: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shard-writer", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
+        file: ShardFile | None = None
         while (item := self.queue.get()) is not None:
-            if self.failure is None:
-                shard, schema, batches, errors = item
-                try:
-                    self.output.write_shard(shard, pa.Table.from_batches(batches, schema=schema), errors)
-                except BaseException as err:  # handed to the main thread, which re-raises it
-                    self.failure = err
-                del batches
-            del item  # drop the shard's buffers before trimming
-            release_freed_memory()
+            if self.failure is not None:
+                continue  # drain until close() so the main thread never blocks on a full queue
+            op, value = item
+            try:
+                if op == "open":
+                    file = self.output.open_shard(value, self.schema)
+                elif op == "batch":
+                    file.write(value)
+                else:
+                    file.commit(value)
+                    file = None
+                    release_freed_memory()
+            except BaseException as err:  # handed to the main thread, which re-raises it
+                self.failure = err
+                if file is not None:
+                    file.abort()
+                    file = None
+            del item
+        if file is not None:  # interrupted mid-shard: leave no temporary behind
+            file.abort()
 
-    def submit(self, shard: Shard, schema: pa.Schema, batches: list[pa.RecordBatch], errors: list) -> None:
+    def _put(self, op: str, value) -> None:
         self.check()
-        self.queue.put((shard, schema, batches, errors))
+        self.queue.put((op, value))
+
+    def open(self, shard: Shard) -> None:
+        self._put("open", shard)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self._put("batch", batch)
+
+    def commit(self, errors: list[tuple[str, str]]) -> None:
+        self._put("commit", errors)
 
     def check(self) -> None:
         if self.failure is not None:
@@ -158,11 +194,6 @@ class ShardWriterThread:
         self.queue.put(None)
         self.thread.join()
         self.check()
-
-
-def _batches_with_shards(loader: DataLoader, plan: list[list[int]], shard_rows: int) -> Iterator[tuple[int, PoolBatch]]:
-    for positions, batch in zip(plan, loader):
-        yield positions[0] // shard_rows, batch
 
 
 def score_pool(cfg: ScoreConfig) -> ScoreSummary:
@@ -212,7 +243,7 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
         written = _score_shards(cfg, pool, teacher, forward, reference, schema, output, todo)
     errors = output.finish()
     return ScoreSummary(cfg.out, output.manifest["rows"], errors.num_rows, written, len(shards) - len(todo),
-                        time.perf_counter() - started, _per_source(cfg.out))
+                        time.perf_counter() - started, _per_source(output))
 
 
 def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
@@ -222,7 +253,7 @@ def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
 
 def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass, reference: Reference,
                   schema: pa.Schema, output: ScoredOutput, todo: list[Shard]) -> int:
-    plan = shard_batches(todo, cfg.batch_size)
+    plan = ShardBatches(todo, cfg.batch_size)
     workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
     loader = DataLoader(
         PoolDataset(pool, teacher.spec.geometry()),
@@ -232,10 +263,9 @@ def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=forward.device.type == "cuda",
     )
-    by_index = {s.index: s for s in todo}
-    writer = ShardWriterThread(output)
+    shard_of = {s.index: s for s in todo}
+    writer = ShardWriterThread(output, schema)
     current: int | None = None
-    pending: list[pa.RecordBatch] = []
     errors: list[tuple[str, str]] = []
     total = sum(s.stop - s.start for s in todo)
     columns = [TextColumn("[bold]scoring"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
@@ -245,38 +275,42 @@ def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass
     try:
         with Progress(*columns) as progress:
             task = progress.add_task("score", total=total, rate="")
-            for shard_index, batch in _batches_with_shards(loader, plan, cfg.shard_rows):
-                if current is not None and shard_index != current:
-                    writer.submit(by_index[current], schema, pending, errors)
-                    pending, errors = [], []
-                current = shard_index
+            for positions, batch in zip(plan, loader):
+                shard_index = positions[0] // cfg.shard_rows
+                if shard_index != current:
+                    if current is not None:
+                        writer.commit(errors)
+                        errors = []
+                    writer.open(shard_of[shard_index])
+                    current = shard_index
                 errors.extend((uid, reason) for _, uid, reason in batch.errors)
                 if len(batch.indices):
                     scores = forward(batch.images)
                     z = reference.standardize(scores.indicators)
-                    keys = [uid.split(":", 1)[1] for uid in batch.uids]
-                    pending.append(record_batch(schema, batch.uids, batch.sources, keys, batch.labels, scores, z,
-                                                reference.relatedness(z)))
+                    writer.write(record_batch(schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
+                                              reference.relatedness(z)))
                 seen += len(batch.indices) + len(batch.errors)
                 rate = seen / max(time.perf_counter() - start, 1e-9)
                 progress.update(task, advance=len(batch.indices) + len(batch.errors), rate=f"{rate:,.0f} img/s")
             if current is not None:
-                writer.submit(by_index[current], schema, pending, errors)
+                writer.commit(errors)
     finally:
         writer.close()
     return len(todo)
 
 
-def _per_source(folder: Path) -> dict[str, dict[str, float]]:
-    """Rows, mean relatedness and mean confidence per source, read back from the written shards."""
-    table = ds.dataset(str(folder), format="parquet", exclude_invalid_files=True,
-                       ignore_prefixes=["_", "."]).to_table(columns=["source", "relatedness", "confidence"])
-    if table.num_rows == 0:
-        return {}
-    table = table.set_column(0, "source", table["source"].cast(pa.string()))  # batches carry different dictionaries
-    grouped = table.group_by("source").aggregate([("relatedness", "mean"), ("confidence", "mean"), ("source", "count")])
-    result = {}
-    for row in grouped.to_pylist():
-        result[str(row["source"])] = {"rows": row["source_count"], "relatedness": row["relatedness_mean"],
-                                      "confidence": row["confidence_mean"]}
-    return result
+def _per_source(output: ScoredOutput) -> dict[str, dict[str, float]]:
+    """Rows, mean relatedness and mean confidence per source, read back shard by shard (memory stays flat)."""
+    totals: dict[str, list[float]] = {}
+    for entry in output.manifest["shards"]:
+        table = pq.read_table(output.folder / entry["file"], columns=["source", "relatedness", "confidence"])
+        table = table.set_column(0, "source", table["source"].cast(pa.string()))
+        grouped = table.group_by("source").aggregate([("relatedness", "sum"), ("confidence", "sum"),
+                                                      ("source", "count")])
+        for row in grouped.to_pylist():
+            total = totals.setdefault(row["source"], [0, 0.0, 0.0])
+            total[0] += row["source_count"]
+            total[1] += row["relatedness_sum"]
+            total[2] += row["confidence_sum"]
+    return {source: {"rows": rows, "relatedness": related / rows, "confidence": confident / rows}
+            for source, (rows, related, confident) in totals.items()}
