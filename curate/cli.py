@@ -83,5 +83,144 @@ def score(
     Console().print(table)
 
 
+def print_arrow(table, title: str) -> None:
+    """A rich table of an Arrow table: numbers right-aligned, floats to 4 significant digits, lists shortened."""
+    import pyarrow as pa
+
+    view = Table(title=title)
+    for field in table.schema:
+        numeric = pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
+        view.add_column(field.name, justify="right" if numeric else "left")
+    for row in table.to_pylist():
+        view.add_row(*(_cell(value) for value in row.values()))
+    Console().print(view)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "[dim]null[/]"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        shown = ", ".join(_cell(v) for v in value[:4])
+        return f"[{shown}{', ...' if len(value) > 4 else ''}] ({len(value)})"
+    return str(value)
+
+
+@app.command()
+def sql(
+    query: Annotated[str | None, typer.Argument(help="one SELECT over the views scores, errors, classes")] = None,
+    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
+    example: Annotated[str | None, typer.Option(help="run a named example query instead (see --list-examples)")] = None,
+    list_examples: Annotated[bool, typer.Option("--list-examples", help="print the example queries and exit")] = False,
+    out: Annotated[Path | None, typer.Option(help="write the whole result to .parquet, .csv or .json (JSON lines)")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="rows printed (not applied to --out)")] = 50,
+    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB (default: 80% of RAM)")] = None,
+) -> None:
+    """Query a scored pool with DuckDB SQL (read-only).
+
+    Views: scores (one row per sample: the columns of the scored pool), errors (uid, error) and
+    classes (pred, class_name). Only the columns a query names are read from disk.
+    Example: curate sql --scored scored/ "SELECT source, avg(relatedness) FROM scores GROUP BY source"
+    """
+    from curate.errors import UserError
+    from curate.query.scored import ScoredPool
+    from curate.query.sql import EXAMPLES, fetch, run_query, write_result
+
+    if list_examples:
+        for name, (what, text) in EXAMPLES.items():
+            Console().print(f"[bold cyan]--example {name}[/]: {what}\n{text}\n", highlight=False)
+        return
+    if example is not None:
+        if example not in EXAMPLES:
+            raise UserError(f"no example {example!r}: choose one of {', '.join(EXAMPLES)}")
+        if query is not None:
+            raise UserError("give either a query or --example, not both")
+        query = EXAMPLES[example][1]
+    if query is None:
+        raise UserError("give a query, e.g. \"SELECT count(*) FROM scores\", or --example NAME (--list-examples)")
+    con = ScoredPool.open(scored).connect(memory_limit=memory_limit)
+    relation = run_query(con, query)
+    if out is not None:
+        rows = write_result(con, query.strip().rstrip(";"), out)
+        Console().print(f"wrote {rows:,} rows to {out}")
+        return
+    table = fetch(relation, limit + 1)
+    shown = table.slice(0, limit)
+    more = " (more rows not shown: raise --limit or use --out)" if table.num_rows > limit else ""
+    print_arrow(shown, f"{shown.num_rows:,} rows{more}")
+
+
+@app.command()
+def index(
+    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
+    kind: Annotated[str, typer.Option(help="auto (flat under 200k rows, else IVF-PQ), flat, ivf or hnsw")] = "auto",
+    budget_mb: Annotated[int, typer.Option(min=1, help="most MiB of float vectors held in memory at once")] = 2048,
+    train_rows: Annotated[int, typer.Option(min=1000, help="sampled rows that train IVF-PQ")] = 100_000,
+    seed: Annotated[int, typer.Option(help="seed of the training sample")] = 0,
+) -> None:
+    """Build a FAISS index (cosine) over the teacher embeddings, saved in SCORED/_index/.
+
+    Used by `curate select --strategy knn` and by anyone who wants neighbours of an image.
+    """
+    from curate.query.index import build_index
+    from curate.query.scored import ScoredPool
+
+    summary = build_index(ScoredPool.open(scored), kind, budget_mb, train_rows, seed)
+    params = ", ".join(f"{k}={v}" for k, v in summary.params.items()) or "exact"
+    Console().print(f"{summary.kind} index of {summary.rows:,} x {summary.dim} ({params}) in {summary.seconds:.1f} s "
+                    f"-> {summary.folder}")
+
+
+@app.command()
+def select(
+    strategy: Annotated[str, typer.Option(help="uniform, topk, sample, balanced, diverse, knn or sql")],
+    budget: Annotated[int, typer.Option(min=1, help="number of samples to select")],
+    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
+    out: Annotated[Path, typer.Option(help="selection file to write (uid, weight, score columns)")] = Path("selection.parquet"),
+    where: Annotated[str | None, typer.Option(help="SQL filter on the scores first, e.g. \"source <> 'noise'\"")] = None,
+    by: Annotated[str, typer.Option(help="column or SQL expression ranking the rows (higher first)")] = "relatedness",
+    tau: Annotated[float, typer.Option(help="sample: temperature of softmax(by / tau)")] = 1.0,
+    epsilon: Annotated[float, typer.Option(help="sample: uniform share of the sampling probability")] = 0.1,
+    weights: Annotated[str, typer.Option(help="uniform, importance (1/inclusion probability) or class "
+                                              "(equal total weight per predicted class)")] = "uniform",
+    dedup: Annotated[float | None, typer.Option(help="drop rows whose embedding cosine to a kept row exceeds this "
+                                                     "(default 0.95 for diverse, off otherwise)")] = None,
+    clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default budget/32, at most 1024)")] = None,
+    seeds: Annotated[Path | None, typer.Option(help="knn: folder of seed images (default: class prototypes)")] = None,
+    per_seed: Annotated[int | None, typer.Option(help="knn: neighbours per seed (default budget / seeds)")] = None,
+    query: Annotated[str | None, typer.Option(help="sql: SELECT uid[, weight] FROM candidates ...")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="knn --seeds: teacher to embed them (default: the scoring one)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB")] = None,
+) -> None:
+    """Choose and weight the samples to distil on; write SELECTION (uid, weight, source, pred, relatedness, ...).
+
+    Steps compose: --where filters, the strategy ranks, --dedup drops near-duplicates and refills.
+    Example: curate select --scored scored/ --strategy balanced --budget 20000 --weights class --out sel.parquet
+    """
+    from curate.query.select import SelectConfig, Selector
+
+    cfg = SelectConfig(scored=scored, strategy=strategy, budget=budget, out=out, where=where, by=by, tau=tau,
+                       epsilon=epsilon, weights=weights, dedup=dedup, clusters=clusters, seeds=seeds,
+                       neighbours_per_seed=per_seed, query=query, teacher=teacher, seed=seed,
+                       memory_limit=memory_limit)
+    summary = Selector(cfg).run()
+    console = Console()
+    dropped = f", {summary.dropped_duplicates:,} near-duplicates skipped" if summary.dropped_duplicates else ""
+    console.print(f"selected {summary.rows:,} of {summary.candidates:,} candidates{dropped} -> {summary.out}")
+    if summary.rows < budget:
+        console.print(f"[yellow]only {summary.rows:,} of the --budget {budget:,} rows: the rest were near-duplicates "
+                      "(raise --dedup) or left out by the strategy[/]")
+    for title, counts in (("source", summary.per_source), ("predicted class", summary.per_class)):
+        table = Table(title=f"selection per {title}")
+        table.add_column(title)
+        table.add_column("rows", justify="right")
+        table.add_column("share", justify="right")
+        for name, count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            table.add_row(name, f"{count:,}", f"{count / max(summary.rows, 1):.1%}")
+        console.print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     run_app(app, argv, prog_name="curate")
