@@ -222,5 +222,46 @@ def select(
         console.print(table)
 
 
+@app.command()
+def export(
+    selection: Annotated[Path, typer.Option(help="selection file (from curate select or any query with a uid column)")],
+    scored: Annotated[Path, typer.Option(help="scored pool folder the selection was made from")] = Path("scored"),
+    out: Annotated[Path, typer.Option(help="folder for the curated shards (must not exist or be empty)")] = Path("selected"),
+    root: Annotated[Path | None, typer.Option(help="data folder of the pool (default: the one used to score)")] = None,
+    shard_rows: Annotated[int, typer.Option(min=1, help="rows per shard (a multiple of --row-group-rows)")] = 4096,
+    row_group_rows: Annotated[int, typer.Option(min=1, help="rows per Parquet row group (the streaming unit)")] = 1024,
+    embedding: Annotated[bool, typer.Option(help="also store the teacher embedding (for feature distillation)")] = False,
+    seed: Annotated[int, typer.Option(help="seed of the shuffle across shards")] = 0,
+    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes reading the pool")] = None,
+) -> None:
+    """Read the selected samples back from the pool and write self-contained, shuffled shards for `train distill`.
+
+    Example: curate export --scored scored/ --selection sel.parquet --out selected/
+    """
+    from curate.errors import UserError
+    from curate.query.export import ExportConfig, export_selection
+
+    if shard_rows % row_group_rows:
+        raise UserError(f"--shard-rows {shard_rows} is not a multiple of --row-group-rows {row_group_rows}")
+    summary = export_selection(ExportConfig(scored=scored, selection=selection, out=out, root=root,
+                                            shard_rows=shard_rows, row_group_rows=row_group_rows,
+                                            embedding=embedding, seed=seed, workers=workers))
+    Console().print(f"wrote {summary.rows:,} samples in {summary.shards} shards to {summary.out} "
+                    f"in {summary.seconds:.1f} s")
+
+
+@app.command()
+def report(
+    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
+    selection: Annotated[Path | None, typer.Option(help="also show what this selection takes from the pool")] = None,
+    out: Annotated[Path, typer.Option(help="folder for report.md and the PNG plots")] = Path("report"),
+) -> None:
+    """Plots and a markdown summary of a scored pool: relatedness per source and class, selection composition."""
+    from curate.query.report import write_report
+
+    summary = write_report(scored, out, selection)
+    Console().print(f"wrote {', '.join(summary.files)} to {summary.folder}")
+
+
 def main(argv: list[str] | None = None) -> None:
     run_app(app, argv, prog_name="curate")

@@ -23,12 +23,12 @@ from curate.errors import UserError
 from curate.score.output import ERRORS, FORMAT, MANIFEST
 
 
-def _sql_string(text: str) -> str:
+def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
 def sql_file_list(paths: list[Path]) -> str:
-    return "[" + ", ".join(_sql_string(str(p)) for p in paths) + "]"
+    return "[" + ", ".join(sql_string(str(p)) for p in paths) + "]"
 
 
 @dataclass
@@ -108,14 +108,14 @@ class ScoredPool:
         con = duckdb.connect()
         if memory_limit:
             try:
-                con.execute(f"SET memory_limit = {_sql_string(memory_limit)}")
+                con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
             except duckdb.Error as err:
                 raise UserError(f"bad --memory-limit {memory_limit!r} ({err}): use a size such as 2GB") from None
         if threads:
             con.execute(f"SET threads = {int(threads)}")
         con.execute(f"CREATE VIEW scores AS SELECT * FROM read_parquet({sql_file_list(self.files)})")
         errors = self.folder / ERRORS
-        con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({_sql_string(str(errors))})")
+        con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({sql_string(str(errors))})")
         con.execute("CREATE TABLE classes (pred SMALLINT, class_name VARCHAR)")
         con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(self.class_names)))
         return con

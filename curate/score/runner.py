@@ -214,6 +214,8 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
                      "reference_count": cfg.reference_count, "seed": cfg.seed, "rows": rows},
     }
     output.open(identity, shards)
+    if cfg.root is not None:  # not part of the identity (data may move); where `curate export` looks by default
+        output.manifest["pool_root"] = str(Path(cfg.root).resolve())
     done = output.complete_shards()
     todo = [s for s in shards if s.index not in done]
 

@@ -1,0 +1,240 @@
+"""`curate export`: turn a selection into self-contained curated shards the trainer streams.
+
+```
+selected/shard-00000.parquet ...  uid, source, pixels, logits, weight, label (+ embedding)
+selected/_manifest.json           teacher, image shape, class names, shard counts, provenance
+```
+
+Pixels are read back from the original pool and brought to the teacher's input
+geometry (channels, size), stored as raw uint8 CHW bytes: the trainer needs
+neither the pool nor its decoders. Rows are shuffled (seeded) across shards
+before writing, so reading the shards in order is already a mixed stream.
+Everything is written into a temporary folder renamed at the end: an
+interrupted export leaves no ``selected/`` a trainer could pick up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+
+from curate.errors import UserError
+from curate.pools import PoolDataset, collate_samples, open_pool
+from curate.query.scored import ScoredPool
+from curate.spec import InputSpec
+
+FORMAT = "curate.selected/1"
+MANIFEST = "_manifest.json"
+
+
+@dataclass
+class ExportConfig:
+    scored: Path
+    selection: Path
+    out: Path
+    root: Path | None = None
+    shard_rows: int = 4096
+    row_group_rows: int = 1024
+    embedding: bool = False
+    seed: int = 0
+    workers: int | None = None
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+@dataclass
+class ExportSummary:
+    out: Path
+    rows: int
+    shards: int
+    seconds: float
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_selection(path: Path, scored: ScoredPool) -> tuple[pa.Table, dict[str, Any]]:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise UserError(f"cannot read the selection {path} ({err}): give a file written by `curate select`") from None
+    if "uid" not in table.column_names:
+        raise UserError(f"{path} has no uid column: a selection needs uid (and optionally weight)")
+    if "weight" not in table.column_names:
+        table = table.append_column("weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
+    weights = table["weight"].cast(pa.float32())
+    if weights.null_count or not pc.all(pc.greater(weights, 0)).as_py():
+        raise UserError(f"{path}: every weight must be > 0")
+    if table.num_rows == 0:
+        raise UserError(f"{path} selects nothing: choose a larger --budget or a looser filter")
+    if pc.count_distinct(table["uid"]).as_py() != table.num_rows:
+        raise UserError(f"{path} lists some uids more than once: give each sample once and use weight for emphasis")
+    provenance = json.loads((table.schema.metadata or {}).get(b"curate", b"{}"))
+    made_by = provenance.get("teacher_fingerprint")
+    if made_by and made_by != scored.fingerprint:
+        raise UserError(f"{path} was selected from scores of another teacher: select again from {scored.folder}")
+    return table.select(["uid"]).append_column("weight", weights), provenance
+
+
+def locate(scored: ScoredPool, pool, selection: pa.Table, with_embedding: bool) -> pa.Table:
+    """The selected rows of the scored shards (uid, source, label, logits[, embedding]) with their pool position.
+
+    A scored shard covers pool positions [start, stop); its rows are the readable ones among them, so the
+    position of a uid is found by listing the pool's uids over that range (only for shards with a selected row).
+    """
+    wanted = selection["uid"].combine_chunks() if isinstance(selection["uid"], pa.ChunkedArray) else selection["uid"]
+    columns = ["uid", "source", "label", "logits"] + (["embedding"] if with_embedding else [])
+    parts = []
+    for path, entry in zip(scored.files, scored.manifest["shards"]):
+        table = pq.read_table(path, columns=columns)
+        table = table.filter(pc.is_in(table["uid"], value_set=wanted))
+        if table.num_rows == 0:
+            continue
+        positions = {pool.uid(i): i for i in range(entry["start"], entry["stop"])}
+        try:
+            found = [positions[uid] for uid in table["uid"].to_pylist()]
+        except KeyError as err:
+            raise UserError(f"the pool at --root has no sample {err.args[0]} that was scored: point --root at the data "
+                            "that was scored") from None
+        parts.append(table.append_column("position", pa.array(found, pa.int64())))
+    rows = pa.concat_tables(parts) if parts else None
+    if rows is None or rows.num_rows != selection.num_rows:
+        missing = selection.num_rows - (0 if rows is None else rows.num_rows)
+        raise UserError(f"{missing:,} uids of the selection are not in {scored.folder}: select again from these scores")
+    order = pc.index_in(rows["uid"], value_set=wanted)
+    return rows.append_column("weight", selection["weight"].take(order))
+
+
+def reopen_pool(scored: ScoredPool, root: Path | None):
+    identity = scored.manifest["identity"]["pool"]
+    pool = open_pool(identity["arg"], root, identity["options"])
+    described = json.loads(json.dumps(pool.describe(), default=str, sort_keys=True))
+    if described != identity["description"]:
+        raise UserError(f"the pool {identity['arg']} read from --root {root or '(default)'} differs from the one scored "
+                        f"(size or sources changed): point --root at the data {scored.folder} was scored from")
+    return pool
+
+
+def shard_schema(num_classes: int, embedding_dim: int | None, metadata: dict[str, Any]) -> pa.Schema:
+    fields = [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("source", pa.dictionary(pa.int32(), pa.string())),
+        pa.field("pixels", pa.binary(), nullable=False),
+        pa.field("logits", pa.list_(pa.float16(), num_classes), nullable=False),
+        pa.field("weight", pa.float32(), nullable=False),
+        pa.field("label", pa.int32()),
+    ]
+    if embedding_dim is not None:
+        fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
+    return pa.schema(fields, metadata={"curate": json.dumps(metadata)})
+
+
+def export_selection(cfg: ExportConfig) -> ExportSummary:
+    started = time.perf_counter()
+    scored = ScoredPool.open(cfg.scored)
+    selection, provenance = read_selection(cfg.selection, scored)
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise UserError(f"{cfg.out} already exists and is not empty: choose a new --out or delete it")
+    stored_root = scored.manifest.get("pool_root")
+    pool = reopen_pool(scored, cfg.root or (Path(stored_root) if stored_root else None))
+    rows = locate(scored, pool, selection, cfg.embedding)
+    rows = rows.take(pa.array(np.random.default_rng(cfg.seed).permutation(rows.num_rows)))
+
+    spec = InputSpec.from_meta(scored.teacher_meta)
+    embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "teacher": {"fingerprint": scored.fingerprint, "meta": scored.teacher_meta},
+        "image_shape": list(spec.shape()),
+        "input_spec": spec.to_meta(),
+        "class_names": scored.class_names,
+        "num_classes": scored.num_classes,
+        "rows": rows.num_rows,
+        "weight_sum": float(pc.sum(rows["weight"]).as_py()),
+        "shards": [],
+        "provenance": {
+            "scored": str(scored.folder),
+            "selection": str(cfg.selection),
+            "selection_sha256": file_sha256(cfg.selection),
+            "selection_command": provenance.get("command"),
+            "selection_hash": provenance.get("hash"),
+            "export_command": cfg.command,
+            "seed": cfg.seed,
+        },
+    }
+    schema = shard_schema(scored.num_classes, embedding_dim,
+                          {k: manifest[k] for k in ("format", "image_shape", "class_names", "num_classes")}
+                          | {"teacher_fingerprint": scored.fingerprint})
+    temp = cfg.out.with_name(f".{cfg.out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        temp.mkdir(parents=True)
+        _write_shards(cfg, pool, spec, rows, schema, temp, manifest)
+        (temp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        if cfg.out.exists():
+            cfg.out.rmdir()  # empty, checked above
+        os.replace(temp, cfg.out)
+    except OSError as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise UserError(f"cannot write {cfg.out} ({err.strerror}): free disk space or choose another --out") from None
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return ExportSummary(cfg.out, rows.num_rows, len(manifest["shards"]), time.perf_counter() - started)
+
+
+def _write_shards(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, schema: pa.Schema, folder: Path,
+                  manifest: dict[str, Any]) -> None:
+    workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
+    positions = rows["position"].to_numpy()
+    loader = DataLoader(PoolDataset(pool, spec.geometry(), positions), batch_size=cfg.row_group_rows,
+                        num_workers=workers, collate_fn=collate_samples, prefetch_factor=4 if workers else None)
+    columns = [TextColumn("[bold]exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    shard_index, writer, in_shard, offset = 0, None, 0, 0
+    with Progress(*columns) as progress:
+        task = progress.add_task("export", total=rows.num_rows)
+        for batch in loader:
+            if batch.errors:
+                uid, reason = batch.errors[0][1], batch.errors[0][2]
+                raise UserError(f"{uid} was readable when scored but not now ({reason}): the pool changed; "
+                                "score it again")
+            part = rows.slice(offset, len(batch.indices))
+            offset += len(batch.indices)
+            images = batch.images.numpy().reshape(len(batch.indices), -1)
+            record = pa.table({
+                "uid": part["uid"], "source": part["source"].cast(pa.string()).dictionary_encode(),
+                "pixels": pa.array([image.tobytes() for image in images], pa.binary()),
+                "logits": part["logits"], "weight": part["weight"], "label": part["label"],
+                **({"embedding": part["embedding"]} if cfg.embedding else {}),
+            }).cast(schema)
+            if writer is None:
+                name = f"shard-{shard_index:05d}.parquet"
+                writer = pq.ParquetWriter(folder / name, schema)
+            writer.write_table(record, row_group_size=cfg.row_group_rows)
+            in_shard += record.num_rows
+            progress.advance(task, record.num_rows)
+            if in_shard >= cfg.shard_rows:
+                writer.close()
+                manifest["shards"].append({"file": name, "rows": in_shard})
+                shard_index, writer, in_shard = shard_index + 1, None, 0
+        if writer is not None:
+            writer.close()
+            manifest["shards"].append({"file": name, "rows": in_shard})
