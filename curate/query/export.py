@@ -52,6 +52,7 @@ class ExportConfig:
     embedding: bool = False
     seed: int = 0
     workers: int | None = None
+    verify: int = 256  # rows re-scored by the teacher to check the pool still holds the scored images
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
@@ -123,14 +124,54 @@ def locate(scored: ScoredPool, pool, selection: pa.Table, with_embedding: bool) 
     return rows.append_column("weight", selection["weight"].take(order))
 
 
+PATH_KEYS = {"file", "files", "root", "fonts"}
+
+
+def without_paths(description: Any) -> Any:
+    """A pool description minus where its files live: data may move between scoring and export."""
+    if isinstance(description, dict):
+        return {k: without_paths(v) for k, v in description.items() if k not in PATH_KEYS}
+    if isinstance(description, list):
+        return [without_paths(v) for v in description]
+    return description
+
+
 def reopen_pool(scored: ScoredPool, root: Path | None):
+    """The scored pool opened again; its kinds, sources and sizes must match what was scored."""
     identity = scored.manifest["identity"]["pool"]
     pool = open_pool(identity["arg"], root, identity["options"])
     described = json.loads(json.dumps(pool.describe(), default=str, sort_keys=True))
-    if described != identity["description"]:
+    if without_paths(described) != without_paths(identity["description"]):
         raise UserError(f"the pool {identity['arg']} read from --root {root or '(default)'} differs from the one scored "
                         f"(size or sources changed): point --root at the data {scored.folder} was scored from")
     return pool
+
+
+def verify_images(scored: ScoredPool, pool, spec: InputSpec, rows: pa.Table) -> None:
+    """Run the scoring teacher on a few selected images read from the pool now and compare with the stored
+    logits: a pool whose files changed since scoring (same names and count, other pixels) is caught here."""
+    import torch
+
+    from curate.score.runner import ForwardPass
+    from curate.teachers import load_teacher
+
+    teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
+    if not teacher_path.is_file():
+        return  # the teacher moved: nothing to compare with (uids and pool size were still checked)
+    teacher = load_teacher(teacher_path)
+    if teacher.fingerprint != scored.fingerprint:
+        return
+    dataset = PoolDataset(pool, spec.geometry(), rows["position"].to_numpy())
+    batch = collate_samples([dataset[i] for i in range(len(dataset))])
+    if batch.errors or not len(batch.indices):
+        raise UserError(f"{batch.errors[0][1]} was readable when scored but not now: the pool changed; score it again")
+    fresh = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)(batch.images).logits
+    stored = np.array(rows["logits"].to_pylist(), dtype=np.float32)
+    fresh = fresh.float().numpy()
+    relative = np.abs(fresh - stored).max(1) / (np.abs(stored).max(1) + 1e-3)
+    if np.median(relative) > 0.05:
+        raise UserError(f"the images read from the pool now give other teacher outputs than when scored (median "
+                        f"relative difference {np.median(relative):.2f}): point --root at the data that was scored")
 
 
 def shard_schema(num_classes: int, embedding_dim: int | None, metadata: dict[str, Any]) -> pa.Schema:
@@ -159,6 +200,8 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
     rows = rows.take(pa.array(np.random.default_rng(cfg.seed).permutation(rows.num_rows)))
 
     spec = InputSpec.from_meta(scored.teacher_meta)
+    if cfg.verify:
+        verify_images(scored, pool, spec, rows.slice(0, cfg.verify))
     embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
     manifest: dict[str, Any] = {
         "format": FORMAT,

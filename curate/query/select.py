@@ -134,7 +134,7 @@ class Selector:
         self.cfg = cfg
         self.scored = ScoredPool.open(cfg.scored)
         self.con = self.scored.connect(memory_limit=cfg.memory_limit)
-        self.dedup = cfg.dedup if cfg.dedup is not None else (0.95 if cfg.strategy == "diverse" else None)
+        self.dedup = cfg.dedup if cfg.dedup is not None else (0.98 if cfg.strategy == "diverse" else None)
 
     def sql(self, query: str, what: str) -> list[tuple]:
         """Execute ``query`` (``what`` names it in errors) and return its (small) result as rows."""

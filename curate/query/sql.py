@@ -100,7 +100,7 @@ def write_result(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
     target = "'" + str(temp).replace("'", "''") + "'"
     try:
-        rows = con.execute(f"COPY ({query}) TO {target} ({options})").fetchone()[0]
+        rows = con.execute(f"COPY ({query}) TO {target} ({options})").fetchall()[0][0]
         os.replace(temp, path)
     except duckdb.Error as err:
         temp.unlink(missing_ok=True)
