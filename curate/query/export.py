@@ -15,10 +15,8 @@ interrupted export leaves no ``selected/`` a trainer could pick up.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,10 +30,12 @@ import pyarrow.parquet as pq
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
+from curate.atomic import write_folder_atomically
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
 from curate.query.scored import ScoredPool
 from curate.spec import InputSpec
+from curate.teachers import file_fingerprint
 
 FORMAT = "curate.selected/1"
 MANIFEST = "_manifest.json"
@@ -62,14 +62,6 @@ class ExportSummary:
     rows: int
     shards: int
     seconds: float
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_selection(path: Path, scored: ScoredPool) -> tuple[pa.Table, dict[str, Any]]:
@@ -216,7 +208,7 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
         "provenance": {
             "scored": str(scored.folder),
             "selection": str(cfg.selection),
-            "selection_sha256": file_sha256(cfg.selection),
+            "selection_sha256": file_fingerprint(cfg.selection),
             "selection_command": provenance.get("command"),
             "selection_hash": provenance.get("hash"),
             "export_command": cfg.command,
@@ -226,21 +218,12 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
     schema = shard_schema(scored.num_classes, embedding_dim,
                           {k: manifest[k] for k in ("format", "image_shape", "class_names", "num_classes")}
                           | {"teacher_fingerprint": scored.fingerprint})
-    temp = cfg.out.with_name(f".{cfg.out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temp, ignore_errors=True)
-    try:
-        temp.mkdir(parents=True)
-        _write_shards(cfg, pool, spec, rows, schema, temp, manifest)
-        (temp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        if cfg.out.exists():
-            cfg.out.rmdir()  # empty, checked above
-        os.replace(temp, cfg.out)
-    except OSError as err:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise UserError(f"cannot write {cfg.out} ({err.strerror}): free disk space or choose another --out") from None
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+
+    def fill(folder: Path) -> None:
+        _write_shards(cfg, pool, spec, rows, schema, folder, manifest)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+
+    write_folder_atomically(cfg.out, fill)
     return ExportSummary(cfg.out, rows.num_rows, len(manifest["shards"]), time.perf_counter() - started)
 
 

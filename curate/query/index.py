@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
+from curate.atomic import write_folder_atomically
 from curate.errors import UserError
 from curate.query.scored import ScoredPool
 
@@ -148,29 +147,17 @@ def build_index(scored: ScoredPool, kind: str = "auto", budget_mb: int = 2048, t
 
 
 def _save(scored: ScoredPool, index: faiss.Index, info: dict[str, Any]) -> None:
-    """Write everything into a temporary folder, then swap it in, so a reader never sees half an index."""
-    final = scored.folder / INDEX_DIR
-    temp = scored.folder / f".{INDEX_DIR}.tmp-{os.getpid()}"
-    shutil.rmtree(temp, ignore_errors=True)
-    try:
-        temp.mkdir()
-        faiss.write_index(index, str(temp / "index.faiss"))
+    """Index, uid order and info into one folder swapped in whole: a reader never sees half an index."""
+
+    def fill(folder: Path) -> None:
+        faiss.write_index(index, str(folder / "index.faiss"))
         schema = pa.schema([pa.field("uid", pa.string(), nullable=False)])
-        with pq.ParquetWriter(temp / "uids.parquet", schema) as writer:
+        with pq.ParquetWriter(folder / "uids.parquet", schema) as writer:
             for batch in shard_embeddings(scored, columns=("uid",)):
                 writer.write_batch(pa.RecordBatch.from_arrays([batch.column(0)], schema=schema))
-        (temp / "index.json").write_text(json.dumps(info, indent=1))
-        if final.exists():
-            old = final.with_name(f".{INDEX_DIR}.old-{os.getpid()}")
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(temp, final)
-    except OSError as err:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise UserError(f"cannot write the index into {scored.folder} ({err.strerror}): free disk space") from None
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+        (folder / "index.json").write_text(json.dumps(info, indent=1))
+
+    write_folder_atomically(scored.folder / INDEX_DIR, fill)
 
 
 @dataclass

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from curate.atomic import write_atomically
 from curate.errors import UserError
 from curate.query.index import embeddings_of
 from curate.query.scored import ScoredPool
@@ -340,15 +340,8 @@ class Selector:
                       "candidates": self.candidates, "pool_rows": self.scored.rows}
         provenance["hash"] = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()
         table = selection.replace_schema_metadata({"curate": json.dumps(provenance)})
-        out = self.cfg.out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        temp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        try:
-            pq.write_table(table, temp)
-            os.replace(temp, out)
-        except OSError as err:
-            temp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {out} ({err.strerror}): choose another --out") from None
+        self.cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(self.cfg.out, lambda path: pq.write_table(table, path))
 
 
 def dedup_mask(vectors: np.ndarray, kept: faiss.IndexFlatIP, threshold: float,

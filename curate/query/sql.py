@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
+from curate.atomic import write_atomically
 from curate.errors import UserError
 
 # Named queries users can run as they are or copy and adapt (`curate sql --example NAME --show`).
@@ -96,19 +96,18 @@ def write_result(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     if fmt is None:
         raise UserError(f"cannot tell the format of {path}: end --out with {', '.join(OUTPUT_FORMATS)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     options = "FORMAT csv, HEADER true" if fmt == "csv" else f"FORMAT {fmt}"
-    target = "'" + str(temp).replace("'", "''") + "'"
-    try:
-        rows = con.execute(f"COPY ({query}) TO {target} ({options})").fetchall()[0][0]
-        os.replace(temp, path)
-    except duckdb.Error as err:
-        temp.unlink(missing_ok=True)
-        raise UserError(f"query failed: {_first_line(err)}") from None
-    except OSError as err:
-        temp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({err.strerror}): choose another --out") from None
-    return int(rows)
+    counted: list[int] = []
+
+    def copy(temp: Path) -> None:
+        target = "'" + str(temp).replace("'", "''") + "'"
+        try:
+            counted.append(con.execute(f"COPY ({query}) TO {target} ({options})").fetchall()[0][0])
+        except duckdb.Error as err:
+            raise UserError(f"query failed: {_first_line(err)}") from None
+
+    write_atomically(path, copy)
+    return int(counted[0])
 
 
 def _first_line(err: Exception) -> str:

@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import __version__
+from curate.atomic import process_exists, temporary_name, write_atomically, write_error
 from curate.errors import UserError
 
 FORMAT = "curate.scored/1"
@@ -51,38 +52,6 @@ def plan_shards(rows: int, shard_rows: int) -> list[Shard]:
     return [Shard(i, start, min(start + shard_rows, rows)) for i, start in enumerate(range(0, rows, shard_rows))]
 
 
-def temporary_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def _write_error(path: Path, err: OSError) -> UserError:
-    return UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out")
-
-
-def _process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def write_atomically(path: Path, write: Any) -> None:
-    """Call ``write(temp_path)``, then rename over ``path``; on failure leave no file behind."""
-    temp = temporary_name(path)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    except OSError as err:
-        temp.unlink(missing_ok=True)
-        raise _write_error(path, err) from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
 def normalized(value: Any) -> Any:
     """JSON round trip: the form an identity takes once stored, so stored and fresh compare equal."""
     return json.loads(json.dumps(value, default=str, sort_keys=True))
@@ -104,7 +73,7 @@ class ShardFile:
         try:
             self.writer = pq.ParquetWriter(self.temp, schema)
         except OSError as err:
-            raise _write_error(self.path, err) from None
+            raise write_error(self.path, err) from None
 
     def write(self, batch: pa.RecordBatch) -> None:
         self.buffered.append(batch)
@@ -118,7 +87,7 @@ class ShardFile:
                 self.writer.write_table(pa.Table.from_batches(self.buffered), row_group_size=ROW_GROUP_ROWS)
             except OSError as err:
                 self.abort()
-                raise _write_error(self.path, err) from None
+                raise write_error(self.path, err) from None
             self.rows += self.buffered_rows
             self.buffered, self.buffered_rows = [], 0
 
@@ -129,7 +98,7 @@ class ShardFile:
             os.replace(self.temp, self.path)
         except OSError as err:
             self.abort()
-            raise _write_error(self.path, err) from None
+            raise write_error(self.path, err) from None
         self.output.commit_shard(self.shard, self.rows, errors)
 
     def abort(self) -> None:
@@ -213,7 +182,7 @@ class ScoredOutput:
         """Temporary files left by killed runs (their pid no longer exists); a live run's are left alone."""
         for path in list(self.folder.glob(".*.tmp-*")) + list(self.folder.glob(f"{ERRORS_DIR}/.*.tmp-*")):
             pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _process_exists(int(pid)):
+            if pid.isdigit() and not process_exists(int(pid)):
                 path.unlink(missing_ok=True)
 
     def finish(self) -> pa.Table:

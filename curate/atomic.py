@@ -1,0 +1,67 @@
+"""Files and folders that appear whole or not at all: written under a temporary name, then renamed.
+
+Temporary names start with a dot and end with ``.tmp-<pid>``: readers skip them, and a later run can tell a
+dead run's leftovers (pid gone) from a live one's.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from curate.errors import UserError
+
+
+def temporary_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_error(path: Path, err: OSError) -> UserError:
+    return UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_atomically(path: Path, write: Any) -> None:
+    """Call ``write(temp_path)``, then rename over ``path``; on failure leave no file behind."""
+    temp = temporary_name(path)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise write_error(path, err) from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_folder_atomically(path: Path, fill: Callable[[Path], None]) -> None:
+    """Call ``fill(temp_folder)``, then swap the folder in for ``path`` (replacing an older one)."""
+    temp = temporary_name(path)
+    shutil.rmtree(temp, ignore_errors=True)
+    try:
+        temp.mkdir(parents=True)
+        fill(temp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            shutil.rmtree(old)
+        os.replace(temp, path)
+    except OSError as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise write_error(path, err) from None
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
