@@ -222,11 +222,10 @@ class Selector:
         kmeans = faiss.Kmeans(vectors.shape[1], min(clusters, len(vectors)), niter=20, seed=self.cfg.seed,
                               spherical=True, verbose=False)
         kmeans.train(vectors)
-        assigned = self.assign_clusters(kmeans.index)
-        self.con.register("cluster_of", assigned)
-        self.sql("CREATE TEMP TABLE clustered AS SELECT c.*, k.cluster FROM candidates c JOIN cluster_of k USING (uid)",
+        self.clusters = self.assign_clusters(kmeans.index)  # registered while this selector lives
+        self.con.register("cluster_of", self.clusters)
+        self.sql("CREATE TEMP VIEW clustered AS SELECT c.*, k.cluster FROM candidates c JOIN cluster_of k USING (uid)",
                  "clustering")
-        self.con.unregister("cluster_of")
         return self._quota_ranking("cluster", "clustered")
 
     def rank_knn(self) -> str:
