@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,11 +28,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from curate.score.indicators import INDICATORS, BatchScores
-from curate.score.output import ScoredOutput, plan_shards
-from curate.score.schema import record_batch, scored_schema
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import peak_rss_mib  # noqa: E402
 
 CLASSES, DIM, SHARD_ROWS, BUDGET = 10, 128, 1 << 20, 10_000
 SOURCES = ["fashion", "mnist", "glyphs", "emoji", "icons", "photos", "patches", "noise"]
@@ -42,6 +39,12 @@ TASKS = ["sql-per-source", "topk-per-class", "index", "knn-10k", "select-balance
 
 def write_pool(folder: Path, rows: int, seed: int = 0) -> None:
     """A scored pool of ``rows`` synthetic rows, written shard by shard with the scorer's own writer."""
+    import torch  # here, not at the top: the task processes measure the query stage's memory, without torch
+
+    from curate.score.indicators import INDICATORS, BatchScores
+    from curate.score.output import ScoredOutput, plan_shards
+    from curate.score.schema import record_batch, scored_schema
+
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(CLASSES, DIM)).astype(np.float32)
     head = rng.normal(size=(DIM, CLASSES)).astype(np.float32) / np.sqrt(DIM)
@@ -107,7 +110,7 @@ def run_task(task: str, scored: Path, seed: int) -> None:
         rows = Selector(SelectConfig(scored=scored, strategy=strategy, budget=BUDGET, out=out, seed=seed,
                                      command=["benchmark"])).run().rows
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mib()
     print(json.dumps({"task": task, "seconds": seconds, "peak_rss_mib": peak, "rows": rows}))
 
 

@@ -86,15 +86,15 @@ def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: i
     return summary.rows / (time.perf_counter() - start)
 
 
-def peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None) -> float:
+def scoring_peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None) -> float:
     """Peak RSS of a fresh process running the scorer (children included: DataLoader workers)."""
-    code = ("import sys, resource; from pathlib import Path; from curate.score import ScoreConfig, score_pool; "
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
+            "from memory import peak_rss_mib; from curate.score import ScoreConfig, score_pool; "
             f"score_pool(ScoreConfig(teacher=Path({str(teacher)!r}), pool='npy', root=Path({str(images)!r}), "
             f"out=Path({str(out)!r}), batch_size={batch_size}, workers={workers})); "
-            "r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "c = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss; print(max(r, c))")
+            "print(peak_rss_mib(children=True) * 1024)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(result.stdout.strip().splitlines()[-1]) / 1024
+    return float(result.stdout.strip().splitlines()[-1]) / 1024
 
 
 def main() -> None:
@@ -132,7 +132,7 @@ def main() -> None:
         rss = {}
         for rows in rss_rows:
             images = make_images(folder, rows, 1, 28)
-            rss[rows] = peak_rss_mib(teacher, images, folder / f"rss-{rows}", args.batch_size, args.workers)
+            rss[rows] = scoring_peak_rss_mib(teacher, images, folder / f"rss-{rows}", args.batch_size, args.workers)
             print(f"peak RSS scoring {rows:>9,} rows (resnet8 28x28): {rss[rows]:7.0f} MiB", flush=True)
         small, large = rss_rows
         growth = rss[large] / rss[small]
