@@ -333,3 +333,29 @@ def test_report_draws_every_plot_and_names_every_source(scored: Path, tmp_path: 
     text = (tmp_path / "report" / "report.md").read_text()
     for source in ("mnist-unseen", "latin", "photo", "noise", "icons"):
         assert source in text
+
+
+def test_query_commands_chain_and_fail_in_one_line(scored: Path, tmp_path: Path, capsys) -> None:
+    s, sel, out = str(scored), str(tmp_path / "sel.parquet"), str(tmp_path / "selected")
+    for argv, expected in [
+        (["index", "--scored", s], "flat index"),
+        (["select", "--scored", s, "--strategy", "balanced", "--budget", "120", "--weights", "class", "--out", sel],
+         "selected 120"),
+        (["export", "--scored", s, "--selection", sel, "--out", out, "--shard-rows", "64", "--row-group-rows", "32"],
+         "wrote 120 samples in 2 shards"),
+        (["report", "--scored", s, "--selection", sel, "--out", str(tmp_path / "report")], "report.md"),
+    ]:
+        code, stdout, err = run_cli(argv, capsys)
+        assert code == 0 and expected in " ".join(stdout.split()), (argv, stdout, err)
+    for argv, message in [
+        (["select", "--scored", s, "--strategy", "topk", "--budget", "99999", "--out", sel], "larger than"),
+        (["select", "--scored", s, "--strategy", "magic", "--budget", "5", "--out", sel], "unknown strategy"),
+        (["export", "--scored", s, "--selection", sel, "--out", out], "already exists"),
+        (["export", "--scored", s, "--selection", sel, "--out", str(tmp_path / "x"), "--shard-rows", "100",
+          "--row-group-rows", "64"], "not a multiple"),
+        (["export", "--scored", s, "--selection", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "x")],
+         "cannot read the selection"),
+        (["index", "--scored", s, "--kind", "lsh"], "unknown index kind"),
+    ]:
+        code, _, err = run_cli(argv, capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (argv, err)

@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from curate.atomic import write_atomically
 from curate.errors import UserError
 from curate.query.index import embeddings_of
-from curate.query.scored import ScoredPool
+from curate.query.scored import ScoredPool, sql_string
 from curate.query.sql import check_read_only
 
 STRATEGIES = ("uniform", "topk", "sample", "balanced", "diverse", "knn", "sql")
@@ -135,6 +135,8 @@ class Selector:
         self.scored = ScoredPool.open(cfg.scored)
         self.con = self.scored.connect(memory_limit=cfg.memory_limit)
         self.dedup = cfg.dedup if cfg.dedup is not None else (0.98 if cfg.strategy == "diverse" else None)
+        self.candidates = 0
+        self.clusters: pa.Table | None = None  # diverse: uid -> cluster, registered in DuckDB while in use
 
     def sql(self, query: str, what: str) -> list[tuple]:
         """Execute ``query`` (``what`` names it in errors) and return its (small) result as rows."""
@@ -143,19 +145,19 @@ class Selector:
         except duckdb.Error as err:
             raise UserError(f"{what} failed: {str(err).strip().splitlines()[0]}") from None
 
-    def arrow(self, query: str, what: str, batch_rows: int | None = None) -> pa.Table | pa.RecordBatchReader:
-        """The result of ``query`` as an Arrow table, or streamed in batches of ``batch_rows``."""
+    def arrow(self, query: str, what: str) -> pa.Table:
+        """The result of ``query`` as an Arrow table (materialised whole: keep it narrow or small)."""
         try:
-            relation = self.con.sql(query)
-            return relation.to_arrow_table() if batch_rows is None else relation.to_arrow_reader(batch_size=batch_rows)
+            return self.con.sql(query).to_arrow_table()
         except duckdb.Error as err:
             raise UserError(f"{what} failed: {str(err).strip().splitlines()[0]}") from None
 
     def run(self) -> SelectSummary:
         cfg = self.cfg
         where = cfg.where or "TRUE"
-        if cfg.where:
-            check_read_only(self.con, f"SELECT * FROM scores WHERE {cfg.where}")
+        # the filter and the ranking expression are pasted into larger queries: each must be one plain query
+        check_read_only(self.con, f"SELECT * FROM scores WHERE {where}")
+        check_read_only(self.con, f"SELECT ({cfg.by}) FROM scores")
         self.sql(f"CREATE VIEW candidates AS SELECT * FROM scores WHERE {where}", "--where")
         self.candidates = self.sql("SELECT count(*) FROM candidates", "--where")[0][0]
         if self.candidates == 0:
@@ -260,20 +262,28 @@ class Selector:
     # -- helpers ----------------------------------------------------------------------------------------------
 
     def fetch_embeddings(self, query: str, sample: int | None = None) -> tuple[pa.Array, np.ndarray]:
+        """Embeddings of ``query``'s rows; with ``sample``, of a seeded Bernoulli sample of about that many
+        (a streaming filter on the uid hash: no sort that would carry every row's embedding)."""
         if sample is not None and self.candidates > sample:
-            query = f"{query} ORDER BY {_uniform_sql(self.cfg.seed + 1)} LIMIT {sample}"
+            query = f"{query} WHERE {_uniform_sql(self.cfg.seed + 1)} < {sample / self.candidates}"
         table = self.arrow(query, "reading embeddings")
         return table["uid"], embeddings_of(table)
 
     def assign_clusters(self, centroids: faiss.Index) -> pa.Table:
-        """Nearest centroid of every candidate, streamed in record batches (embeddings never all in memory)."""
-        reader = self.arrow("SELECT uid, embedding FROM candidates", "reading embeddings", batch_rows=65536)
+        """Nearest centroid of every candidate, one scored shard at a time: the float embeddings of all
+        candidates never sit in memory together (DuckDB would materialise a whole result before handing
+        it over, 5 GB at 10M x 128)."""
+        where = self.cfg.where or "TRUE"
         uids, clusters = [], []
-        for batch in reader:
-            _, nearest = centroids.search(embeddings_of(batch), 1)
-            uids.append(batch.column("uid"))
-            clusters.append(pa.array(nearest[:, 0].astype(np.int64)))
-        return pa.table({"uid": pa.chunked_array(uids, pa.string()), "cluster": pa.chunked_array(clusters, pa.int64())})
+        for path in self.scored.files:
+            batch = self.arrow(f"SELECT uid, embedding FROM read_parquet({sql_string(str(path))}) WHERE {where}",
+                               "reading embeddings")
+            if batch.num_rows:
+                _, nearest = centroids.search(embeddings_of(batch), 1)
+                uids.append(pa.concat_arrays(batch["uid"].chunks))  # a copy: a slice would pin the embeddings
+                clusters.append(pa.array(nearest[:, 0].astype(np.int64)))
+        return pa.table({"uid": pa.chunked_array(uids, pa.string()),
+                         "cluster": pa.chunked_array(clusters, pa.int64())})
 
     def seed_embeddings(self) -> np.ndarray:
         if self.cfg.seeds is None:  # class prototypes: mean direction of the 64 most related rows per class
