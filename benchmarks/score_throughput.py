@@ -3,7 +3,7 @@
 For each case the same teacher, batch size and images are used twice:
 
 - baseline: the teacher's forward pass over normalised tensors already in memory;
-- pipeline: `score_pool` from a memory-mapped .npy pool on disk to Parquet on disk
+- pipeline: `score_pool` from a .npy pool on disk (read record by record) to Parquet on disk
   (decode, preprocess, hooks and indicators, noise reference, writing), timed whole.
 
 Then peak RSS of the pipeline (in a fresh process) at two pool sizes, to show memory stays flat.
@@ -45,7 +45,7 @@ def make_teacher(folder: Path, arch: str, channels: int, size: int) -> Path:
 
 
 def make_images(folder: Path, count: int, channels: int, size: int) -> Path:
-    """Smooth random images (cheap to make, not constant), stored as a .npy the npy pool memory-maps."""
+    """Random images stored as a .npy, which the npy pool reads record by record."""
     path = folder / f"images-{count}-{channels}x{size}.npy"
     if not path.exists():
         shape = (count, size, size) if channels == 1 else (count, size, size, channels)

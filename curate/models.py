@@ -185,3 +185,17 @@ def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: i
     if num_classes < 2:
         raise UserError(f"num_classes must be at least 2, got {num_classes}")
     return MODELS[name](num_classes, in_channels, image_size, width)
+
+
+def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
+    """Whether channels-last may be used for ``model`` on ``device``.
+
+    oneDNN's AVX2 1x1 convolution with stride 2 writes past its workspace in channels-last when it has
+    fewer than 8 input channels (uxlfoundation/oneDNN#6035): with torch 2.14.1 on this CPU a half-width
+    resnet8's 4-channel shortcut hangs backward with two threads and corrupts the heap with one. Such
+    models run in the default layout on the CPU.
+    """
+    if device.type != "cpu":
+        return True
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
+                   for m in model.modules())

@@ -112,3 +112,17 @@ def scored(workdir: Path, teacher_path: Path, pool_spec: Path) -> Path:
     score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=out, shard_rows=300, batch_size=64,
                            workers=0, reference_count=256))
     return out
+
+
+@pytest.fixture(scope="session")
+def selected(workdir: Path, scored: Path) -> Path:
+    """600 class-balanced rows of the scored pool exported as 5 shards of 128 rows in row groups of 32."""
+    from curate.query.export import ExportConfig, export_selection
+    from curate.query.select import SelectConfig, Selector
+
+    selection = workdir / "selection.parquet"
+    Selector(SelectConfig(scored=scored, strategy="balanced", budget=600, weights="class", out=selection)).run()
+    out = workdir / "selected"
+    export_selection(ExportConfig(scored=scored, selection=selection, out=out, shard_rows=128, row_group_rows=32,
+                                  embedding=True))
+    return out

@@ -28,5 +28,8 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
         mirrored = (torch.rand(n, generator=generator) < 0.5).to(images.device)
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=images.device)[:, None, None]
-    # Advanced indexing puts the indexed dims first: N x H x W x C.
-    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+    # Advanced indexing puts the indexed dims first: N x H x W x C. A plain .contiguous() would keep the
+    # permuted strides when C is 1 (they count as contiguous), and convolutions would then take the
+    # channels-last path even for a model kept in the default layout: copy into standard strides.
+    gathered = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
+    return gathered.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)

@@ -63,6 +63,65 @@ def teacher(
     typer.echo(f"test accuracy {meta['test_accuracy']:.4f} in {meta['train_seconds']:.0f} s; saved {out}")
 
 
+@app.command()
+def distill(
+    shards: Annotated[Path, typer.Option(help="curated shard folder (from curate export)")] = Path("selected"),
+    out: Annotated[Path, typer.Option(help="run folder: metrics.jsonl, curves.png, checkpoints, student.pt")] = Path("runs/distill"),
+    student: Annotated[str, typer.Option(help=f"student architecture: {', '.join(MODELS)}")] = "resnet8",
+    width: Annotated[float, typer.Option(help="student channel-width multiplier")] = 0.5,
+    teacher: Annotated[Path | None, typer.Option(help="run this teacher on every augmented view (online) "
+                                                      "instead of using the stored logits")] = None,
+    loss: Annotated[str, typer.Option(help="kd, soft-ce, js or mse")] = "kd",
+    temperature: Annotated[float, typer.Option(help="softmax temperature of kd/soft-ce/js")] = 4.0,
+    hard_weight: Annotated[float, typer.Option(help="weight of cross-entropy to the teacher's argmax")] = 0.0,
+    feature_weight: Annotated[float, typer.Option(help="weight of matching the teacher embedding "
+                                                       "(needs shards exported with --embedding)")] = 0.0,
+    weighting: Annotated[str, typer.Option(help="use the weight column: loss (weighted loss), sample "
+                                                 "(sampling probabilities) or none")] = "loss",
+    steps: Annotated[int | None, typer.Option(min=1, help="optimiser steps (default: --epochs)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the shards when --steps is not given (default 1)")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 128,
+    optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = "sgd",
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (default 0.05 SGD, 2e-3 AdamW)")] = None,
+    weight_decay: float = 5e-4,
+    warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps (default 3% of the steps)")] = None,
+    crop_padding: Annotated[int, typer.Option(help="random-crop padding in pixels (0: none)")] = 2,
+    flip: Annotated[bool, typer.Option(help="random horizontal flips (only where the task allows)")] = False,
+    mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples (needs --teacher)")] = 0.0,
+    eval_dataset: Annotated[str | None, typer.Option("--eval", help="labeled pool to evaluate on, e.g. fashion-mnist:test")] = None,
+    eval_root: Annotated[Path | None, typer.Option(help="data folder of --eval")] = None,
+    eval_every: Annotated[int, typer.Option(min=1, help="evaluate every N steps (on a log step)")] = 500,
+    eval_limit: Annotated[int | None, typer.Option(help="evaluate on a seeded subset of this many samples")] = None,
+    log_every: Annotated[int, typer.Option(min=1, help="write metrics every N steps")] = 50,
+    ckpt_every: Annotated[int, typer.Option(min=1, help="checkpoint every N steps")] = 500,
+    keep: Annotated[int, typer.Option(min=1, help="checkpoints kept")] = 3,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading shards")] = 2,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    seed: int = 0,
+) -> None:
+    """Distil a student from curated shards, streaming; resumable exactly with --resume.
+
+    Example: train distill --shards selected/ --student resnet8 --width 0.5 --steps 3000 --eval fashion-mnist:test
+    """
+    from train.distill import DistillConfig, distill as run_distill
+
+    cfg = DistillConfig(shards=shards, out=out, student=student, width=width, teacher=teacher, loss=loss,
+                        temperature=temperature, hard_weight=hard_weight, feature_weight=feature_weight,
+                        weighting=weighting, steps=steps, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
+                        lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, crop_padding=crop_padding,
+                        flip=flip, mixup=mixup, eval_dataset=eval_dataset, eval_root=eval_root, eval_every=eval_every,
+                        eval_limit=eval_limit, log_every=log_every, ckpt_every=ckpt_every, keep=keep, workers=workers,
+                        device=device, compile=compile, seed=seed)
+    result = run_distill(cfg, resume=resume)
+    last = result["history"][-1] if result["history"] else {}
+    summary = f"{result['steps']} steps; saved {result['student']}"
+    if "eval_accuracy" in last:
+        summary += f"; eval accuracy {last['eval_accuracy']:.4f}"
+    typer.echo(summary)
+
+
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option(help="teacher or student: checkpoint, TorchScript, .pt2 or pickled module")],

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from curate.errors import UserError
-from curate.models import build_model
+from curate.models import build_model, channels_last_is_safe
 from curate.pools import open_pool
 from curate.teachers import save_teacher
 from train.augment import random_crop_flip
@@ -91,7 +91,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
 
     # Model, optimiser, schedule.
     model = build_model(cfg.arch, len(class_names), spec.in_channels, spec.image_size, cfg.width)
-    model = model.to(device, memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last_is_safe(model, device) else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on BN and biases
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -114,7 +115,7 @@ def train_teacher(cfg: TeacherConfig) -> dict:
                 images = batch.images.to(device, non_blocking=True)
                 labels = batch.labels.to(device, non_blocking=True)
                 images = random_crop_flip(images, cfg.crop_padding, cfg.flip, augment_rng)
-                inputs = normalize(images).contiguous(memory_format=torch.channels_last)
+                inputs = normalize(images).contiguous(memory_format=memory_format)
                 with autocast:
                     logits = model(inputs)
                     loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)

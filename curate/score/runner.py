@@ -27,6 +27,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader
 
 from curate.device import pick_device
+from curate.models import channels_last_is_safe
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
 from curate.pools.generated import NoisePool
@@ -73,7 +74,9 @@ class ForwardPass:
 
     def __init__(self, teacher: Teacher, device: torch.device, autocast: bool, channels_last: bool) -> None:
         self.model = teacher.model
-        if channels_last and not isinstance(self.model, (torch.jit.ScriptModule, torch.fx.GraphModule)):
+        compiled = isinstance(self.model, (torch.jit.ScriptModule, torch.fx.GraphModule))
+        channels_last = channels_last and (compiled or channels_last_is_safe(self.model, device))
+        if channels_last and not compiled:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.probe = TeacherProbe(self.model)
         self.normalize = teacher.spec.normalize()

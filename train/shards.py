@@ -1,0 +1,240 @@
+"""Streaming the curated shards (`curate export`'s `selected/`) into training, exactly resumable.
+
+The order of an epoch is a pure function of (seed, epoch, rank, world size, lanes) and the row counts in
+the manifest, computed before any pixel is read:
+
+1. the shards are permuted (seeded by epoch) and dealt to ranks, then to lanes within a rank (one lane
+   per DataLoader worker, so a worker mostly reads its own shards);
+2. within a lane, windows of ``window_groups`` consecutive row groups are shuffled (a shuffle buffer
+   whose contents are known in advance); with ``weighted`` the window is instead drawn with replacement
+   in proportion to the ``weight`` column;
+3. lanes are cut into batches and interleaved round-robin (a lane that runs out drops out).
+
+Batch ``k`` of an epoch is therefore known without reading batches ``0..k-1``: resuming at any batch is
+exact, whatever the DataLoader does with its workers, and only the row groups a batch touches are read
+(each worker keeps the few it is using). The whole set is never in memory; the per-epoch plan holds two
+int32 per row of this rank.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import Dataset
+
+from curate.errors import UserError
+
+FORMAT = "curate.selected/1"
+MANIFEST = "_manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    rows: int
+    group_rows: tuple[int, ...]  # rows per row group
+
+
+@dataclass
+class CuratedShards:
+    """A ``selected/`` folder, checked: one teacher, one image shape, readable shards matching the manifest."""
+
+    folder: Path
+    manifest: dict[str, Any]
+    files: list[ShardFile]
+    weights: np.ndarray  # float32 per row, shards concatenated in manifest order
+    has_embedding: bool
+
+    @classmethod
+    def open(cls, folder: Path) -> CuratedShards:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(f"no shard folder {folder}: run `curate export --out {folder}` first")
+        if not (folder / MANIFEST).exists():
+            found = "is empty" if not any(folder.iterdir()) else f"has no {MANIFEST}"
+            raise UserError(f"{folder} {found}: give a folder written by `curate export`")
+        try:
+            manifest = json.loads((folder / MANIFEST).read_text())
+        except json.JSONDecodeError:
+            raise UserError(f"{folder / MANIFEST} is damaged: export the selection again") from None
+        if manifest.get("format") != FORMAT:
+            raise UserError(f"{folder} is not a curated shard folder ({manifest.get('format')})")
+        files, weights, embedding = [], [], []
+        for entry in manifest["shards"]:
+            path = folder / entry["file"]
+            try:
+                parquet = pq.ParquetFile(path)
+                meta = json.loads((parquet.schema_arrow.metadata or {}).get(b"curate", b"{}"))
+                shard_weights = parquet.read(columns=["weight"])["weight"].to_numpy()
+            except (OSError, pa.ArrowException, json.JSONDecodeError, KeyError) as err:
+                raise UserError(f"shard {path} is missing or corrupt ({err}): export the selection again") from None
+            if meta.get("teacher_fingerprint") != manifest["teacher"]["fingerprint"]:
+                raise UserError(f"{path.name} comes from another teacher than {MANIFEST}: do not mix shards of "
+                                "two exports; export into a fresh folder")
+            if meta.get("image_shape") != manifest["image_shape"]:
+                raise UserError(f"{path.name} holds images of shape {meta.get('image_shape')}, the manifest "
+                                f"{manifest['image_shape']}: do not mix shards of two exports")
+            if parquet.metadata.num_rows != entry["rows"]:
+                raise UserError(f"{path.name} has {parquet.metadata.num_rows} rows, the manifest says {entry['rows']}: "
+                                "export the selection again")
+            groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
+            files.append(ShardFile(path, entry["rows"], groups))
+            weights.append(shard_weights.astype(np.float32))
+            embedding.append("embedding" in parquet.schema_arrow.names)
+        if not files or sum(f.rows for f in files) == 0:
+            raise UserError(f"{folder} holds no rows: select and export a non-empty selection")
+        return cls(folder, manifest, files, np.concatenate(weights), all(embedding))
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+
+@dataclass
+class ReaderState:
+    """Where the stream is: ``batch`` batches of ``epoch`` consumed. Saved in checkpoints."""
+
+    epoch: int = 0
+    batch: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batch": self.batch}
+
+
+class EpochPlan:
+    """The rows of every batch of one epoch for one rank: (shard, row) pairs, computed from row counts."""
+
+    def __init__(self, shards: CuratedShards, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world: int = 1, lanes: int = 1, window_groups: int = 8, weighted: bool = False,
+                 drop_last: bool = True) -> None:
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(shards.files))
+        mine = order[rank::world]
+        offsets = np.concatenate([[0], np.cumsum([f.rows for f in shards.files])])
+        lane_batches = []
+        for lane in range(lanes):
+            shard_ids, rows = self._lane_rows(shards, mine[lane::lanes], offsets, window_groups, weighted,
+                                              np.random.default_rng([seed, epoch, rank, lane]))
+            count = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
+            lane_batches.append([(shard_ids[i * batch_size:(i + 1) * batch_size], rows[i * batch_size:(i + 1) * batch_size])
+                                 for i in range(count)])
+        self.batches: list[tuple[np.ndarray, np.ndarray]] = []
+        for k in range(max((len(b) for b in lane_batches), default=0)):  # round-robin, exhausted lanes drop out
+            self.batches.extend(b[k] for b in lane_batches if k < len(b))
+
+    @staticmethod
+    def _lane_rows(shards: CuratedShards, shard_ids: np.ndarray, offsets: np.ndarray, window_groups: int,
+                   weighted: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        groups = [(s, start, n) for s in shard_ids
+                  for start, n in zip(np.cumsum((0,) + shards.files[s].group_rows[:-1]), shards.files[s].group_rows)]
+        out_shard, out_row = [], []
+        for w in range(0, len(groups), window_groups):
+            window = groups[w:w + window_groups]
+            shard_of = np.concatenate([np.full(n, s, np.int32) for s, _, n in window])
+            row_of = np.concatenate([np.arange(start, start + n, dtype=np.int32) for _, start, n in window])
+            if weighted:
+                p = shards.weights[offsets[shard_of] + row_of].astype(np.float64)
+                pick = rng.choice(len(p), size=len(p), replace=True, p=p / p.sum())
+            else:
+                pick = rng.permutation(len(shard_of))
+            out_shard.append(shard_of[pick])
+            out_row.append(row_of[pick])
+        if not out_shard:
+            return np.zeros(0, np.int32), np.zeros(0, np.int32)
+        return np.concatenate(out_shard), np.concatenate(out_row)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class ShardBatches(Dataset):
+    """Map-style dataset over one epoch's plan: item ``k`` is batch ``k`` as a dict of tensors (pixels uint8
+    NCHW, logits, weight, label (-1: none), index (row number across the shards in manifest order),
+    embedding if asked).
+
+    Each DataLoader worker keeps the last few decoded row groups, so consecutive batches of its lane read
+    each row group once.
+    """
+
+    def __init__(self, shards: CuratedShards, plan: EpochPlan, with_embedding: bool = False,
+                 cached_groups: int = 24) -> None:
+        self.shards = shards
+        self.plan = plan
+        self.with_embedding = with_embedding
+        self.cached_groups = cached_groups
+        self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
+        self._group_starts = [np.cumsum((0,) + f.group_rows) for f in shards.files]
+        self._offsets = np.concatenate([[0], np.cumsum([f.rows for f in shards.files])]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def _group(self, shard: int, group: int) -> dict[str, np.ndarray]:
+        key = (shard, group)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        columns = ["pixels", "logits", "weight", "label"] + (["embedding"] if self.with_embedding else [])
+        try:
+            table = pq.ParquetFile(self.shards.files[shard].path).read_row_group(group, columns=columns)
+        except (OSError, pa.ArrowException) as err:
+            raise UserError(f"shard {self.shards.files[shard].path} cannot be read ({err}): export it again") from None
+        pixels = table["pixels"].combine_chunks()
+        shape = self.shards.image_shape
+        _, offsets, data = pixels.buffers()
+        flat = np.frombuffer(data, dtype=np.uint8)
+        starts = np.frombuffer(offsets, dtype=np.int32)[pixels.offset:pixels.offset + len(pixels) + 1]
+        size = int(np.prod(shape))
+        if not np.all(np.diff(starts) == size):
+            raise UserError(f"shard {self.shards.files[shard].path} has images of another size than {shape}")
+        decoded = {
+            "pixels": flat[starts[0]:starts[-1]].reshape(-1, *shape),
+            "logits": _fixed_lists(table["logits"]),
+            "weight": table["weight"].to_numpy().astype(np.float32),
+            "label": table["label"].fill_null(-1).to_numpy().astype(np.int64),
+        }
+        if self.with_embedding:
+            decoded["embedding"] = _fixed_lists(table["embedding"])
+        self._cache[key] = decoded
+        if len(self._cache) > self.cached_groups:
+            self._cache.popitem(last=False)
+        return decoded
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        shard_ids, rows = self.plan.batches[k]
+        parts: dict[str, list[np.ndarray]] = {}
+        for shard in np.unique(shard_ids):
+            in_shard = np.flatnonzero(shard_ids == shard)
+            group_starts = self._group_starts[shard]
+            group_of = np.searchsorted(group_starts, rows[in_shard], side="right") - 1
+            for group in np.unique(group_of):
+                take = in_shard[group_of == group]
+                decoded = self._group(int(shard), int(group))
+                local = rows[take] - group_starts[group]
+                for name, values in decoded.items():
+                    parts.setdefault(name, []).append(values[local])
+                parts.setdefault("index", []).append(self._offsets[shard] + rows[take])
+                parts.setdefault("position", []).append(take)
+        position = np.argsort(np.concatenate(parts.pop("position")))  # back to the plan's order
+        return {name: torch.from_numpy(np.concatenate(values)[position]) for name, values in parts.items()}
+
+
+def _fixed_lists(column: pa.ChunkedArray) -> np.ndarray:
+    values = column.combine_chunks()
+    return values.flatten().cast(pa.float32()).to_numpy().reshape(len(values), -1)
