@@ -92,3 +92,16 @@ def test_resume_with_a_changed_config_is_refused(selected: Path, tmp_path: Path)
     changed = DistillConfig(**{**cfg.__dict__, "temperature": 2.0})
     with pytest.raises(UserError, match="changed config.*temperature"):
         distill(changed, resume=True)
+
+
+def test_online_teacher_with_mixup_and_feature_matching(selected: Path, teacher_path: Path, mnist_root: Path,
+                                                        tmp_path: Path) -> None:
+    cfg = DistillConfig(shards=selected, out=tmp_path / "online", teacher=teacher_path, mixup=0.3, loss="js",
+                        hard_weight=0.5, feature_weight=0.5, steps=12, batch_size=32, log_every=6, eval_every=6,
+                        eval_dataset="mnist:test", eval_root=mnist_root, eval_limit=200, workers=0, device="cpu")
+    history = distill(cfg)["history"]
+    assert [r["step"] for r in history] == [6, 12]
+    assert all(0 <= r["eval_agreement"] <= 1 and r["loss"] > 0 for r in history)
+    other = DistillConfig(**{**cfg.__dict__, "teacher": None, "out": tmp_path / "x"})
+    with pytest.raises(UserError, match="needs --teacher"):
+        distill(other)
