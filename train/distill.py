@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
@@ -260,6 +261,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                 "reader": reader.to_dict(), "step": step, "history": history, "config": cfg.resolved()}
 
     lanes = max(1, cfg.workers)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     metrics_file = open(cfg.out / "metrics.jsonl", "a")
     pending: list[torch.Tensor] = []
     started, seen_since = time.perf_counter(), 0
@@ -269,7 +271,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
         task = progress.add_task("distill", total=steps, completed=step, status="")
         student.train()
         while step < steps:
-            plan = EpochPlan(shards, cfg.batch_size, cfg.seed, reader.epoch, lanes=lanes,
+            plan = EpochPlan(shards, cfg.batch_size, cfg.seed, reader.epoch, rank=rank, world=world, lanes=lanes,
                              window_groups=cfg.window_groups, weighted=cfg.weighting == "sample")
             if len(plan) == 0:
                 raise UserError(f"the shards hold fewer rows than one batch ({cfg.batch_size}): lower --batch-size")
