@@ -1,0 +1,171 @@
+"""Distillation throughput: `train distill` streaming from curated Parquet shards against an in-memory loop.
+
+Same student (half-width resnet8), batch size, steps, loss (KD on stored logits), optimiser and
+augmentation in both; the baseline indexes tensors already in memory. Also the reader alone (batches
+decoded per second) against the training step rate, and the reader's peak RSS over 10 and 100 shards.
+The last line printed is ``ratio=<worst streaming/in-memory ratio>``.
+
+    python benchmarks/train_throughput.py            # 20k rows, 300 steps per case
+    python benchmarks/train_throughput.py --quick    # small version, about a minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import peak_rss_mib  # noqa: E402
+
+from curate.query.export import shard_schema  # noqa: E402
+from curate.spec import InputSpec  # noqa: E402
+
+CASES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
+
+
+def write_shards(folder: Path, rows: int, channels: int, size: int, shards: int) -> Path:
+    """Curated shards in the export format: random pixels, logits, weights; row groups of 1,024."""
+    rng = np.random.default_rng(0)
+    meta = {"num_classes": 10, "class_names": [str(i) for i in range(10)], "in_channels": channels,
+            "image_size": size, "mean": [0.5] * channels, "std": [0.25] * channels}
+    shape = [channels, size, size]
+    schema = shard_schema(10, None, {"format": "curate.selected/1", "image_shape": shape, "num_classes": 10,
+                                     "teacher_fingerprint": "synthetic"})
+    folder.mkdir(parents=True)
+    entries, per_shard = [], -(-rows // shards)
+    for index, start in enumerate(range(0, rows, per_shard)):
+        n = min(per_shard, rows - start)
+        pixels = rng.integers(0, 256, (n, channels * size * size), dtype=np.uint8)
+        logits = rng.normal(size=(n, 10)).astype(np.float16)
+        table = pa.table({
+            "uid": [f"bench:{start + i}" for i in range(n)],
+            "source": pa.array(["bench"] * n).dictionary_encode(),
+            "pixels": pa.array([p.tobytes() for p in pixels], pa.binary()),
+            "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float16()), 10),
+            "weight": pa.array(np.ones(n, np.float32)),
+            "label": pa.array(np.full(n, -1, np.int32), mask=np.ones(n, bool)),
+        }).cast(schema)
+        name = f"shard-{index:05d}.parquet"
+        pq.write_table(table, folder / name, row_group_size=1024)
+        entries.append({"file": name, "rows": n})
+    manifest = {"format": "curate.selected/1", "teacher": {"fingerprint": "synthetic", "meta": meta},
+                "image_shape": shape, "input_spec": InputSpec.from_meta(meta).to_meta(), "class_names": meta["class_names"],
+                "num_classes": 10, "rows": rows, "shards": entries}
+    (folder / "_manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int) -> float:
+    from train.distill import DistillConfig, distill
+
+    cfg = DistillConfig(shards=shards, out=out, width=0.5, steps=steps, batch_size=batch_size, workers=workers,
+                        log_every=steps, ckpt_every=10 * steps, device="cpu")
+    start = time.perf_counter()
+    distill(cfg)
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def in_memory(shards: Path, steps: int, batch_size: int) -> float:
+    """The same training step over tensors already in memory (no reader, no checkpoint, no files)."""
+    from curate.models import build_model, channels_last_is_safe
+    from train.augment import random_crop_flip
+    from train.losses import DistillLoss
+    from train.shards import CuratedShards
+    from train.teacher import cosine_with_warmup
+
+    loaded = CuratedShards.open(shards)
+    table = pq.read_table(shards)
+    shape = loaded.image_shape
+    pixels = torch.from_numpy(np.frombuffer(b"".join(table["pixels"].to_pylist()), np.uint8).reshape(-1, *shape).copy())
+    logits = torch.from_numpy(np.array(table["logits"].to_pylist(), np.float32))
+    normalize = InputSpec.from_meta(loaded.manifest["input_spec"]).normalize()
+    model = build_model("resnet8", 10, shape[0], shape[1], 0.5)
+    fmt = torch.channels_last if channels_last_is_safe(model, torch.device("cpu")) else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    loss_fn = DistillLoss("kd", 4.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    scheduler = cosine_with_warmup(optimizer, max(1, steps * 3 // 100), steps)
+    order = torch.randperm(len(pixels))
+    start = time.perf_counter()
+    for step in range(steps):
+        take = order[(step * batch_size) % (len(pixels) - batch_size):][:batch_size]
+        images = random_crop_flip(pixels[take], 2, False, torch.Generator().manual_seed(step))
+        x = normalize(images).contiguous(memory_format=fmt)
+        loss = loss_fn(model.classifier(model.features(x)), logits[take]).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def reader_only(shards: Path, batch_size: int, workers: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from train.shards import CuratedShards, EpochPlan, ShardBatches
+
+    loaded = CuratedShards.open(shards)
+    plan = EpochPlan(loaded, batch_size, 0, 0, lanes=max(1, workers))
+    start = time.perf_counter()
+    rows = sum(len(b["pixels"]) for b in DataLoader(ShardBatches(loaded, plan), batch_size=None, num_workers=workers))
+    return rows / (time.perf_counter() - start)
+
+
+def reader_rss(shards: Path, batch_size: int) -> float:
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "from memory import peak_rss_mib; from train.shards import CuratedShards, EpochPlan, ShardBatches; "
+            f"s = CuratedShards.open({str(shards)!r}); d = ShardBatches(s, EpochPlan(s, {batch_size}, 0, 0)); "
+            "[d[k] for k in range(len(d))]; print(peak_rss_mib())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rows", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    rows = args.rows or (4096 if args.quick else 20480)
+    steps = args.steps or (40 if args.quick else 300)
+    figures: dict = {"rows": rows, "steps": steps, "batch_size": args.batch_size, "workers": args.workers, "cases": {}}
+    ratios = []
+    with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
+        for name, (channels, size) in CASES.items():
+            shards = write_shards(Path(tmp) / name, rows, channels, size, shards=max(1, rows // 4096))
+            baseline = in_memory(shards, steps, args.batch_size)
+            streamed = streaming(shards, Path(tmp) / f"run-{name}", steps, args.batch_size, args.workers)
+            reader = reader_only(shards, args.batch_size, args.workers)
+            ratio = streamed / baseline
+            ratios.append(ratio)
+            figures["cases"][name] = {"in_memory_samples_s": round(baseline), "streaming_samples_s": round(streamed),
+                                      "ratio": round(ratio, 3), "reader_samples_s": round(reader),
+                                      "reader_over_training": round(reader / streamed, 1)}
+            print(f"resnet8/2 {name}: in memory {baseline:7.0f} samples/s  streaming {streamed:7.0f} samples/s  "
+                  f"ratio {ratio:.3f}  reader alone {reader:8.0f} samples/s ({reader / streamed:.1f}x)", flush=True)
+        rss = {}
+        for count in (10, 100):
+            shards = write_shards(Path(tmp) / f"rss-{count}", count * 256, 1, 28, shards=count)
+            rss[count] = reader_rss(shards, args.batch_size)
+            print(f"reader peak RSS over {count:3d} shards: {rss[count]:6.0f} MiB", flush=True)
+        figures["reader_peak_rss_mib"] = {str(k): round(v) for k, v in rss.items()}
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    print(f"ratio={min(ratios):.3f}")
+
+
+if __name__ == "__main__":
+    main()
