@@ -24,11 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from memory import peak_rss_mib  # noqa: E402
-
-from curate.query.export import shard_schema  # noqa: E402
-from curate.spec import InputSpec  # noqa: E402
+from curate.query.export import shard_schema
+from curate.spec import InputSpec
 
 CASES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
 

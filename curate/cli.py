@@ -125,7 +125,7 @@ def sql(
     """
     from curate.errors import UserError
     from curate.query.scored import ScoredPool
-    from curate.query.sql import EXAMPLES, fetch, run_query, write_result
+    from curate.query.sql import EXAMPLES, check_read_only, fetch, run_query, write_result
 
     if list_examples:
         for name, (what, text) in EXAMPLES.items():
@@ -140,12 +140,11 @@ def sql(
     if query is None:
         raise UserError("give a query, e.g. \"SELECT count(*) FROM scores\", or --example NAME (--list-examples)")
     con = ScoredPool.open(scored).connect(memory_limit=memory_limit)
-    relation = run_query(con, query)
     if out is not None:
-        rows = write_result(con, query.strip().rstrip(";"), out)
+        rows = write_result(con, check_read_only(con, query), out)
         Console().print(f"wrote {rows:,} rows to {out}")
         return
-    table = fetch(relation, limit + 1)
+    table = fetch(run_query(con, query), limit + 1)
     shown = table.slice(0, limit)
     more = " (more rows not shown: raise --limit or use --out)" if table.num_rows > limit else ""
     print_arrow(shown, f"{shown.num_rows:,} rows{more}")

@@ -16,7 +16,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     shards = CuratedShards.open(cfg.shards)
-    if cfg.feature_weight > 0 and not shards.has_embedding:
+    if cfg.feature_weight > 0 and shards.embedding_dim is None:
         raise UserError("--feature-weight needs teacher embeddings in the shards: export with --embedding")
     spec = InputSpec.from_meta(shards.manifest["input_spec"])
     normalize = spec.normalize()
@@ -228,9 +228,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     student = student.to(device, memory_format=memory_format)
     teacher = build_teacher(cfg, shards, device)
-    embed_dim = len(_first_embedding(shards)) if cfg.feature_weight > 0 else None
     loss_fn = DistillLoss(cfg.loss, cfg.temperature, cfg.hard_weight, cfg.feature_weight,
-                          student.classifier.in_features, embed_dim).to(device)
+                          student.classifier.in_features, shards.embedding_dim).to(device)
     optimizer = build_optimizer(cfg, list(student.parameters()) + list(loss_fn.parameters()))
     scheduler = cosine_with_warmup(optimizer, cfg.warmup_steps if cfg.warmup_steps is not None else
                                    max(1, steps * 3 // 100), steps)
@@ -342,12 +341,6 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                  "checkpoint", arch=cfg.student, arch_options={"width": cfg.width})
     plot_curves(history, cfg.out / "curves.png")
     return {"steps": steps, "history": history, "student": cfg.out / "student.pt"}
-
-
-def _first_embedding(shards: CuratedShards) -> list[float]:
-    import pyarrow.parquet as pq
-
-    return pq.ParquetFile(shards.files[0].path).read_row_group(0, columns=["embedding"])["embedding"][0].as_py()
 
 
 def plot_curves(history: list[dict[str, Any]], path: Path) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from curate.errors import UserError
+from curate.query.scored import float_lists
 
 FORMAT = "curate.selected/1"
 MANIFEST = "_manifest.json"
@@ -42,6 +43,11 @@ class ShardFile:
     rows: int
     group_rows: tuple[int, ...]  # rows per row group
 
+    @property
+    def group_starts(self) -> np.ndarray:
+        """First row of every row group, then the row count."""
+        return np.cumsum((0,) + self.group_rows)
+
 
 @dataclass
 class CuratedShards:
@@ -51,7 +57,7 @@ class CuratedShards:
     manifest: dict[str, Any]
     files: list[ShardFile]
     weights: np.ndarray  # float32 per row, shards concatenated in manifest order
-    has_embedding: bool
+    embedding_dim: int | None  # None unless every shard stores the teacher embedding
 
     @classmethod
     def open(cls, folder: Path) -> CuratedShards:
@@ -88,14 +94,21 @@ class CuratedShards:
             groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
             files.append(ShardFile(path, entry["rows"], groups))
             weights.append(shard_weights.astype(np.float32))
-            embedding.append("embedding" in parquet.schema_arrow.names)
+            names = parquet.schema_arrow.names
+            embedding.append(parquet.schema_arrow.field("embedding").type.list_size if "embedding" in names else None)
         if not files or sum(f.rows for f in files) == 0:
             raise UserError(f"{folder} holds no rows: select and export a non-empty selection")
-        return cls(folder, manifest, files, np.concatenate(weights), all(embedding))
+        dims = set(embedding)
+        return cls(folder, manifest, files, np.concatenate(weights), dims.pop() if len(dims) == 1 else None)
 
     @property
     def rows(self) -> int:
         return sum(f.rows for f in self.files)
+
+    @property
+    def row_offsets(self) -> np.ndarray:
+        """Row number of every shard's first row across the shards in manifest order, then the total."""
+        return np.concatenate([[0], np.cumsum([f.rows for f in self.files])]).astype(np.int64)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -126,7 +139,7 @@ class EpochPlan:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(shards.files))
         mine = order[rank::world]
-        offsets = np.concatenate([[0], np.cumsum([f.rows for f in shards.files])])
+        offsets = shards.row_offsets
         lane_batches = []
         for lane in range(lanes):
             shard_ids, rows = self._lane_rows(shards, mine[lane::lanes], offsets, window_groups, weighted,
@@ -142,7 +155,7 @@ class EpochPlan:
     def _lane_rows(shards: CuratedShards, shard_ids: np.ndarray, offsets: np.ndarray, window_groups: int,
                    weighted: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         groups = [(s, start, n) for s in shard_ids
-                  for start, n in zip(np.cumsum((0,) + shards.files[s].group_rows[:-1]), shards.files[s].group_rows)]
+                  for start, n in zip(shards.files[s].group_starts, shards.files[s].group_rows)]
         out_shard, out_row = [], []
         for w in range(0, len(groups), window_groups):
             window = groups[w:w + window_groups]
@@ -179,8 +192,8 @@ class ShardBatches(Dataset):
         self.with_embedding = with_embedding
         self.cached_groups = cached_groups
         self._cache: OrderedDict[tuple[int, int], dict[str, np.ndarray]] = OrderedDict()
-        self._group_starts = [np.cumsum((0,) + f.group_rows) for f in shards.files]
-        self._offsets = np.concatenate([[0], np.cumsum([f.rows for f in shards.files])]).astype(np.int64)
+        self._group_starts = [f.group_starts for f in shards.files]
+        self._offsets = shards.row_offsets
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -205,12 +218,12 @@ class ShardBatches(Dataset):
             raise UserError(f"shard {self.shards.files[shard].path} has images of another size than {shape}")
         decoded = {
             "pixels": flat[starts[0]:starts[-1]].reshape(-1, *shape),
-            "logits": _fixed_lists(table["logits"]),
+            "logits": float_lists(table["logits"]),
             "weight": table["weight"].to_numpy().astype(np.float32),
             "label": table["label"].fill_null(-1).to_numpy().astype(np.int64),
         }
         if self.with_embedding:
-            decoded["embedding"] = _fixed_lists(table["embedding"])
+            decoded["embedding"] = float_lists(table["embedding"])
         self._cache[key] = decoded
         if len(self._cache) > self.cached_groups:
             self._cache.popitem(last=False)
@@ -234,7 +247,3 @@ class ShardBatches(Dataset):
         position = np.argsort(np.concatenate(parts.pop("position")))  # back to the plan's order
         return {name: torch.from_numpy(np.concatenate(values)[position]) for name, values in parts.items()}
 
-
-def _fixed_lists(column: pa.ChunkedArray) -> np.ndarray:
-    values = column.combine_chunks()
-    return values.flatten().cast(pa.float32()).to_numpy().reshape(len(values), -1)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from curate.atomic import write_folder_atomically
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
-from curate.query.scored import ScoredPool
+from curate.query.scored import ScoredPool, float_lists
 from curate.spec import InputSpec
 from curate.teachers import file_fingerprint
 
@@ -93,7 +93,7 @@ def locate(scored: ScoredPool, pool, selection: pa.Table, with_embedding: bool) 
     A scored shard covers pool positions [start, stop); its rows are the readable ones among them, so the
     position of a uid is found by listing the pool's uids over that range (only for shards with a selected row).
     """
-    wanted = selection["uid"].combine_chunks() if isinstance(selection["uid"], pa.ChunkedArray) else selection["uid"]
+    wanted = selection["uid"].combine_chunks()
     columns = ["uid", "source", "label", "logits"] + (["embedding"] if with_embedding else [])
     parts = []
     for path, entry in zip(scored.files, scored.manifest["shards"]):
@@ -139,12 +139,10 @@ def reopen_pool(scored: ScoredPool, root: Path | None):
     return pool
 
 
-def verify_images(scored: ScoredPool, pool, spec: InputSpec, rows: pa.Table) -> None:
+def verify_images(scored: ScoredPool, pool, rows: pa.Table) -> None:
     """Run the scoring teacher on a few selected images read from the pool now and compare with the stored
     logits: a pool whose files changed since scoring (same names and count, other pixels) is caught here."""
-    import torch
-
-    from curate.score.runner import ForwardPass
+    from curate.score.runner import score_samples
     from curate.teachers import load_teacher
 
     teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
@@ -153,13 +151,11 @@ def verify_images(scored: ScoredPool, pool, spec: InputSpec, rows: pa.Table) -> 
     teacher = load_teacher(teacher_path)
     if teacher.fingerprint != scored.fingerprint:
         return
-    dataset = PoolDataset(pool, spec.geometry(), rows["position"].to_numpy())
-    batch = collate_samples([dataset[i] for i in range(len(dataset))])
-    if batch.errors or not len(batch.indices):
+    batch, scores = score_samples(teacher, pool, rows["position"].to_numpy())
+    if batch.errors or scores is None:
         raise UserError(f"{batch.errors[0][1]} was readable when scored but not now: the pool changed; score it again")
-    fresh = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)(batch.images).logits
-    stored = np.array(rows["logits"].to_pylist(), dtype=np.float32)
-    fresh = fresh.float().numpy()
+    stored = float_lists(rows["logits"])
+    fresh = scores.logits.float().numpy()
     relative = np.abs(fresh - stored).max(1) / (np.abs(stored).max(1) + 1e-3)
     if np.median(relative) > 0.05:
         raise UserError(f"the images read from the pool now give other teacher outputs than when scored (median "
@@ -193,7 +189,7 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
 
     spec = InputSpec.from_meta(scored.teacher_meta)
     if cfg.verify:
-        verify_images(scored, pool, spec, rows.slice(0, cfg.verify))
+        verify_images(scored, pool, rows.slice(0, cfg.verify))
     embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
     manifest: dict[str, Any] = {
         "format": FORMAT,

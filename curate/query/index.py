@@ -31,7 +31,7 @@ from rich.progress import Progress
 
 from curate.atomic import write_folder_atomically
 from curate.errors import UserError
-from curate.query.scored import ScoredPool
+from curate.query.scored import ScoredPool, float_lists
 
 INDEX_DIR = "_index"
 FLAT_MAX_ROWS = 200_000
@@ -39,13 +39,8 @@ KINDS = ("auto", "flat", "ivf", "hnsw")
 
 
 def embeddings_of(batch: pa.RecordBatch | pa.Table, column: str = "embedding") -> np.ndarray:
-    """Lists of D floats (fixed-size float16 as stored, or DuckDB's float lists) -> float32 (rows, D),
-    L2-normalised so inner product is cosine."""
-    values = batch.column(column)
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    flat = values.flatten().cast(pa.float32()).to_numpy()  # Arrow's float16 cast is ~2x faster than numpy's
-    vectors = flat.reshape(len(values), -1) if len(values) else flat.reshape(0, 1)
+    """The embedding lists as float32 (rows, D), L2-normalised so inner product is cosine."""
+    vectors = float_lists(batch.column(column))
     faiss.normalize_L2(vectors)
     return vectors
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import UserError
@@ -25,6 +27,14 @@ from curate.score.output import ERRORS, FORMAT, MANIFEST
 
 def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
+
+
+def float_lists(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Lists of D numbers (the stored fixed-size float16 lists, or DuckDB's float lists) -> float32 (rows, D)."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    flat = values.flatten().cast(pa.float32()).to_numpy()  # Arrow's float16 cast is ~2x faster than numpy's
+    return flat.reshape(len(values), -1) if len(values) else flat.reshape(0, 1)
 
 
 def sql_file_list(paths: list[Path]) -> str:

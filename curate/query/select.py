@@ -49,7 +49,7 @@ from curate.atomic import write_atomically
 from curate.errors import UserError
 from curate.query.index import embeddings_of
 from curate.query.scored import ScoredPool, sql_string
-from curate.query.sql import check_read_only
+from curate.query.sql import check_read_only, first_line
 
 STRATEGIES = ("uniform", "topk", "sample", "balanced", "diverse", "knn", "sql")
 WEIGHTINGS = ("uniform", "importance", "class")
@@ -143,14 +143,14 @@ class Selector:
         try:
             return self.con.execute(query).fetchall()
         except duckdb.Error as err:
-            raise UserError(f"{what} failed: {str(err).strip().splitlines()[0]}") from None
+            raise UserError(f"{what} failed: {first_line(err)}") from None
 
     def arrow(self, query: str, what: str) -> pa.Table:
         """The result of ``query`` as an Arrow table (materialised whole: keep it narrow or small)."""
         try:
             return self.con.sql(query).to_arrow_table()
         except duckdb.Error as err:
-            raise UserError(f"{what} failed: {str(err).strip().splitlines()[0]}") from None
+            raise UserError(f"{what} failed: {first_line(err)}") from None
 
     def run(self) -> SelectSummary:
         cfg = self.cfg
@@ -219,7 +219,7 @@ class Selector:
 
     def rank_diverse(self) -> str:
         clusters = self.cfg.clusters or int(min(1024, max(2, self.cfg.budget // 32)))
-        uids, vectors = self.fetch_embeddings("SELECT uid, embedding FROM candidates",
+        _, vectors = self.fetch_embeddings("SELECT uid, embedding FROM candidates",
                                               sample=max(100_000, 40 * clusters))
         kmeans = faiss.Kmeans(vectors.shape[1], min(clusters, len(vectors)), niter=20, seed=self.cfg.seed,
                               spherical=True, verbose=False)
@@ -387,10 +387,8 @@ def _counts(table: pa.Table, column: str) -> dict[str, int]:
 
 def embed_seed_images(folder: Path, teacher_path: Path) -> np.ndarray:
     """Penultimate embeddings of the images in ``folder``, by the teacher that scored the pool."""
-    import torch
-
-    from curate.pools import PoolDataset, collate_samples, open_pool
-    from curate.score.runner import ForwardPass
+    from curate.pools import open_pool
+    from curate.score.runner import score_samples
     from curate.teachers import load_teacher
 
     if not Path(teacher_path).exists():
@@ -399,11 +397,9 @@ def embed_seed_images(folder: Path, teacher_path: Path) -> np.ndarray:
     pool = open_pool("folder", Path(folder), {})
     if len(pool) == 0:
         raise UserError(f"no images in {folder}: give a folder of seed images")
-    batch = collate_samples([PoolDataset(pool, teacher.spec.geometry())[i] for i in range(len(pool))])
-    if not len(batch.indices):
+    _, scores = score_samples(teacher, pool)
+    if scores is None:
         raise UserError(f"none of the images in {folder} can be read")
-    forward = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)
-    scores = forward(batch.images)
     if scores.embedding is None:
         raise UserError("this teacher exposes no embedding: knn needs a checkpoint or TorchScript teacher")
     return scores.embedding.float().numpy()

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from curate.atomic import write_atomically
 from curate.errors import UserError
+from curate.query.scored import sql_string
 
 # Named queries users can run as they are or copy and adapt (`curate sql --example NAME --show`).
 EXAMPLES: dict[str, tuple[str, str]] = {
@@ -65,7 +66,7 @@ def check_read_only(con: duckdb.DuckDBPyConnection, sql: str) -> str:
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
-        raise UserError(f"bad SQL: {_first_line(err)}") from None
+        raise UserError(f"bad SQL: {first_line(err)}") from None
     if len(statements) != 1:
         raise UserError(f"give exactly one query ({len(statements)} statements given)")
     kind = statements[0].type.name
@@ -79,14 +80,14 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> duckdb.DuckDBPyRelati
     try:
         return con.sql(query)
     except duckdb.Error as err:
-        raise UserError(f"query failed: {_first_line(err)}") from None
+        raise UserError(f"query failed: {first_line(err)}") from None
 
 
 def fetch(relation: duckdb.DuckDBPyRelation, limit: int | None = None) -> pa.Table:
     try:
         return (relation.limit(limit) if limit is not None else relation).to_arrow_table()
     except duckdb.Error as err:
-        raise UserError(f"query failed: {_first_line(err)}") from None
+        raise UserError(f"query failed: {first_line(err)}") from None
 
 
 def write_result(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
@@ -100,15 +101,16 @@ def write_result(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     counted: list[int] = []
 
     def copy(temp: Path) -> None:
-        target = "'" + str(temp).replace("'", "''") + "'"
+        target = sql_string(str(temp))
         try:
             counted.append(con.execute(f"COPY ({query}) TO {target} ({options})").fetchall()[0][0])
         except duckdb.Error as err:
-            raise UserError(f"query failed: {_first_line(err)}") from None
+            raise UserError(f"query failed: {first_line(err)}") from None
 
     write_atomically(path, copy)
     return int(counted[0])
 
 
-def _first_line(err: Exception) -> str:
+def first_line(err: Exception) -> str:
+    """DuckDB's message without its context lines."""
     return str(err).strip().splitlines()[0]

@@ -29,9 +29,9 @@ from torch.utils.data import DataLoader
 from curate.device import pick_device
 from curate.models import channels_last_is_safe
 from curate.errors import UserError
-from curate.pools import PoolDataset, collate_samples, open_pool
+from curate.pools import PoolBatch, PoolDataset, collate_samples, open_pool
 from curate.pools.generated import NoisePool
-from curate.score.indicators import INDICATORS, TeacherProbe
+from curate.score.indicators import INDICATORS, BatchScores, TeacherProbe
 from curate.score.output import ScoredOutput, Shard, ShardFile, plan_shards
 from curate.score.reference import Reference
 from curate.score.schema import record_batch, scored_schema
@@ -108,6 +108,16 @@ class ShardBatches:
 
     def __len__(self) -> int:
         return sum(-(-(s.stop - s.start) // self.batch_size) for s in self.shards)
+
+
+def score_samples(teacher: Teacher, pool, indices=None) -> tuple[PoolBatch, BatchScores | None]:
+    """Read a handful of samples (all of ``pool`` by default) in the teacher's geometry and score them in one
+    CPU batch, outside a scoring run: seed images, spot checks. Scores are None when none could be read."""
+    dataset = PoolDataset(pool, teacher.spec.geometry(), indices)
+    batch = collate_samples([dataset[i] for i in range(len(dataset))])
+    if not len(batch.indices):
+        return batch, None
+    return batch, ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)(batch.images)
 
 
 def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: int, batch_size: int) -> Reference:
