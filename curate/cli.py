@@ -204,8 +204,9 @@ def select(
                        epsilon=epsilon, weights=weights, dedup=dedup, clusters=clusters, seeds=seeds,
                        neighbours_per_seed=per_seed, query=query, teacher=teacher, seed=seed,
                        memory_limit=memory_limit)
-    summary = Selector(cfg).run()
     console = Console()
+    with console.status(f"selecting {budget:,} rows ({strategy})"):
+        summary = Selector(cfg).run()
     dropped = f", {summary.dropped_duplicates:,} near-duplicates skipped" if summary.dropped_duplicates else ""
     console.print(f"selected {summary.rows:,} of {summary.candidates:,} candidates{dropped} -> {summary.out}")
     if summary.rows < budget:
@@ -261,7 +262,8 @@ def report(
     """Plots and a markdown summary of a scored pool: relatedness per source and class, selection composition."""
     from curate.query.report import write_report
 
-    summary = write_report(scored, out, selection)
+    with Console().status("aggregating and plotting"):
+        summary = write_report(scored, out, selection)
     Console().print(f"wrote {', '.join(summary.files)} to {summary.folder}")
 
 
