@@ -1,9 +1,12 @@
 """Distillation throughput: `train distill` streaming from curated Parquet shards against an in-memory loop.
 
 Same student (half-width resnet8), batch size, steps, loss (KD on stored logits), optimiser and
-augmentation in both; the baseline indexes tensors already in memory. Also the reader alone (batches
-decoded per second) against the training step rate, and the reader's peak RSS over 10 and 100 shards.
-The last line printed is ``ratio=<worst streaming/in-memory ratio>``.
+augmentation in both; the baseline indexes tensors already in memory. Both loops are timed after their
+first sixth of steps, each is run ``--repeats`` times alternately and the best run counts. Streaming is
+measured with each reader-process count in ``--workers`` (the first one is train distill's CPU default).
+Also the reader alone (batches decoded per second) against the training step rate, and the reader's peak
+RSS over 10 and 100 shards. The last line printed is ``ratio=<worst streaming/in-memory ratio>`` for the
+first worker count.
 
     python benchmarks/train_throughput.py            # 20k rows, 300 steps per case
     python benchmarks/train_throughput.py --quick    # small version, about a minute
@@ -28,6 +31,7 @@ from curate.query.export import shard_schema
 from curate.spec import InputSpec
 
 CASES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
+WARMUP_PARTS = 6  # both loops are timed after the first sixth of their steps (workers started, caches warm)
 
 
 def write_shards(folder: Path, rows: int, channels: int, size: int, shards: int) -> Path:
@@ -62,14 +66,17 @@ def write_shards(folder: Path, rows: int, channels: int, size: int, shards: int)
     return folder
 
 
-def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int) -> float:
+def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float]:
+    """Steady-state samples/s of `train distill` (its own metrics after the first logging interval) and the
+    wall time of the whole call (start-up, final save and plot included)."""
     from train.distill import DistillConfig, distill
 
     cfg = DistillConfig(shards=shards, out=out, width=0.5, steps=steps, batch_size=batch_size, workers=workers,
-                        log_every=steps, ckpt_every=10 * steps, device="cpu")
+                        log_every=steps // WARMUP_PARTS, ckpt_every=10 * steps, device="cpu")
     start = time.perf_counter()
-    distill(cfg)
-    return steps * batch_size / (time.perf_counter() - start)
+    history = distill(cfg)["history"][1:]
+    wall = time.perf_counter() - start
+    return len(history) / sum(1 / r["samples_per_s"] for r in history), wall  # equal intervals: harmonic mean
 
 
 def in_memory(shards: Path, steps: int, batch_size: int) -> float:
@@ -93,8 +100,9 @@ def in_memory(shards: Path, steps: int, batch_size: int) -> float:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     scheduler = cosine_with_warmup(optimizer, max(1, steps * 3 // 100), steps)
     order = torch.randperm(len(pixels))
-    start = time.perf_counter()
     for step in range(steps):
+        if step == steps // WARMUP_PARTS:  # timed like the streaming run: after its first logging interval
+            start = time.perf_counter()
         take = order[(step * batch_size) % (len(pixels) - batch_size):][:batch_size]
         images = random_crop_flip(pixels[take], 2, False, torch.Generator().manual_seed(step))
         x = normalize(images).contiguous(memory_format=fmt)
@@ -103,7 +111,7 @@ def in_memory(shards: Path, steps: int, batch_size: int) -> float:
         loss.backward()
         optimizer.step()
         scheduler.step()
-    return steps * batch_size / (time.perf_counter() - start)
+    return (steps - steps // WARMUP_PARTS) * batch_size / (time.perf_counter() - start)
 
 
 def reader_only(shards: Path, batch_size: int, workers: int) -> float:
@@ -112,17 +120,19 @@ def reader_only(shards: Path, batch_size: int, workers: int) -> float:
     from train.shards import CuratedShards, EpochPlan, ShardBatches
 
     loaded = CuratedShards.open(shards)
-    plan = EpochPlan(loaded, batch_size, 0, 0, lanes=max(1, workers))
+    plan = EpochPlan(loaded, batch_size, 0, 0, lanes=2)  # train distill's default
+    keys = [(0, k) for k in range(len(plan))]  # one epoch
+    loader = DataLoader(ShardBatches(loaded, lambda epoch: plan), batch_size=None, num_workers=workers, sampler=keys)
     start = time.perf_counter()
-    rows = sum(len(b["pixels"]) for b in DataLoader(ShardBatches(loaded, plan), batch_size=None, num_workers=workers))
+    rows = sum(len(b["pixels"]) for b in loader)
     return rows / (time.perf_counter() - start)
 
 
 def reader_rss(shards: Path, batch_size: int) -> float:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
             "from memory import peak_rss_mib; from train.shards import CuratedShards, EpochPlan, ShardBatches; "
-            f"s = CuratedShards.open({str(shards)!r}); d = ShardBatches(s, EpochPlan(s, {batch_size}, 0, 0)); "
-            "[d[k] for k in range(len(d))]; print(peak_rss_mib())")
+            f"s = CuratedShards.open({str(shards)!r}); p = EpochPlan(s, {batch_size}, 0, 0); "
+            "d = ShardBatches(s, lambda e: p); [d[0, k] for k in range(len(p))]; print(peak_rss_mib())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(result.stdout.strip().splitlines()[-1])
 
@@ -133,26 +143,42 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", default="0,2",
+                        help="reader processes to compare, comma-separated; the first gives the final ratio")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each loop, alternated (best counts)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     rows = args.rows or (4096 if args.quick else 20480)
-    steps = args.steps or (40 if args.quick else 300)
-    figures: dict = {"rows": rows, "steps": steps, "batch_size": args.batch_size, "workers": args.workers, "cases": {}}
+    steps = args.steps or (60 if args.quick else 300)
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    workers = [int(w) for w in args.workers.split(",")]
+    figures: dict = {"rows": rows, "steps": steps, "batch_size": args.batch_size, "workers": workers,
+                     "repeats": args.repeats, "cases": {}}
     ratios = []
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
         for name, (channels, size) in CASES.items():
             shards = write_shards(Path(tmp) / name, rows, channels, size, shards=max(1, rows // 4096))
-            baseline = in_memory(shards, steps, args.batch_size)
-            streamed = streaming(shards, Path(tmp) / f"run-{name}", steps, args.batch_size, args.workers)
-            reader = reader_only(shards, args.batch_size, args.workers)
-            ratio = streamed / baseline
-            ratios.append(ratio)
-            figures["cases"][name] = {"in_memory_samples_s": round(baseline), "streaming_samples_s": round(streamed),
-                                      "ratio": round(ratio, 3), "reader_samples_s": round(reader),
-                                      "reader_over_training": round(reader / streamed, 1)}
-            print(f"resnet8/2 {name}: in memory {baseline:7.0f} samples/s  streaming {streamed:7.0f} samples/s  "
-                  f"ratio {ratio:.3f}  reader alone {reader:8.0f} samples/s ({reader / streamed:.1f}x)", flush=True)
+            baselines: list[float] = []
+            streams: dict[int, list[tuple[float, float]]] = {w: [] for w in workers}
+            for attempt in range(args.repeats):  # alternated, best of each: a noisy machine slows one, not both
+                baselines.append(in_memory(shards, steps, args.batch_size))
+                for w in workers:
+                    streams[w].append(streaming(shards, Path(tmp) / f"run-{name}-{w}-{attempt}", steps,
+                                                args.batch_size, w))
+            baseline = max(baselines)
+            case = figures["cases"][name] = {"in_memory_samples_s": round(baseline)}
+            print(f"resnet8/2 {name}: in memory {baseline:7.0f} samples/s", flush=True)
+            for w in workers:
+                streamed, wall = max(streams[w])
+                reader = reader_only(shards, args.batch_size, w)
+                ratio = streamed / baseline
+                if w == workers[0]:
+                    ratios.append(ratio)
+                case[f"workers_{w}"] = {"streaming_samples_s": round(streamed), "ratio": round(ratio, 3),
+                                        "reader_samples_s": round(reader), "reader_over_training": round(reader / streamed, 1),
+                                        "distill_wall_s": round(wall, 1)}
+                print(f"  {w} workers: streaming {streamed:7.0f} samples/s  ratio {ratio:.3f}  reader alone "
+                      f"{reader:8.0f} samples/s ({reader / streamed:.1f}x)  whole distill call {wall:.1f} s", flush=True)
         rss = {}
         for count in (10, 100):
             shards = write_shards(Path(tmp) / f"rss-{count}", count * 256, 1, 28, shards=count)

@@ -3,6 +3,7 @@ exact splitting over ranks and workers, seeded order, weighted sampling, and ref
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -15,11 +16,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from curate.errors import UserError
-from train.shards import CuratedShards, EpochPlan, ShardBatches
+from train.shards import CuratedShards, EpochPlan, ReaderState, ShardBatches
 
 
 def delivered(shards: CuratedShards, plan: EpochPlan, workers: int) -> list[dict[str, torch.Tensor]]:
-    loader = DataLoader(ShardBatches(shards, plan), batch_size=None, num_workers=workers)
+    """One epoch of a plan through a DataLoader."""
+    loader = DataLoader(ShardBatches(shards, lambda epoch: plan), batch_size=None, num_workers=workers,
+                        sampler=[(0, k) for k in range(len(plan))])
     return list(loader)
 
 
@@ -67,12 +70,18 @@ def test_order_is_seeded_and_changes_with_the_epoch(selected: Path) -> None:
 
 def test_resuming_at_a_batch_gives_the_rest_of_the_epoch(selected: Path) -> None:
     shards = CuratedShards.open(selected)
-    plan = EpochPlan(shards, 16, seed=3, epoch=2, lanes=2)
-    dataset = ShardBatches(shards, plan)
-    whole = [dataset[k]["index"] for k in range(len(dataset))]
-    resumed = ShardBatches(shards, EpochPlan(shards, 16, seed=3, epoch=2, lanes=2))  # a fresh process's view
-    loader = DataLoader(resumed, batch_size=None, num_workers=2, sampler=range(11, len(resumed)))
-    assert all(torch.equal(a, b["index"]) for a, b in zip(whole[11:], loader, strict=True))
+    def plan_for(epoch: int) -> EpochPlan:
+        return EpochPlan(shards, 16, seed=3, epoch=epoch, lanes=2)
+
+    dataset = ShardBatches(shards, plan_for)
+    whole = [dataset[key]["index"] for key in itertools.islice(dataset.keys(ReaderState(2, 0)), 3 * 37)]
+    assert len(whole) == 111 and dataset.plan(4) is dataset.plan(4)  # 37 batches of 16 per epoch: 3 epochs
+    resumed = ShardBatches(shards, plan_for)  # a fresh process's view, workers kept across the epoch boundaries
+    loader = DataLoader(resumed, batch_size=None, num_workers=2,
+                        sampler=itertools.islice(resumed.keys(ReaderState(2, 11)), 100))
+    got = list(loader)
+    assert [list(b["key"]) for b in got[:2]] == [[2, 11], [2, 12]] and list(got[26]["key"]) == [3, 0]
+    assert all(torch.equal(a, b["index"]) for a, b in zip(whole[11:], got, strict=True))
 
 
 def test_weighted_sampling_follows_the_weight_column(tmp_path: Path, selected: Path) -> None:

@@ -95,7 +95,10 @@ def distill(
     log_every: Annotated[int, typer.Option(min=1, help="write metrics every N steps")] = 50,
     ckpt_every: Annotated[int, typer.Option(min=1, help="checkpoint every N steps")] = 500,
     keep: Annotated[int, typer.Option(min=1, help="checkpoints kept")] = 3,
-    workers: Annotated[int, typer.Option(min=0, help="DataLoader processes reading shards")] = 2,
+    lanes: Annotated[int, typer.Option(min=1, help="reading streams per rank (part of the data order; "
+                                                   "match --workers for locality)")] = 2,
+    workers: Annotated[int | None, typer.Option(min=0, help="processes reading shards; speed only "
+                                                            "(default 0 on CPU, 4 on CUDA)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = False,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
@@ -112,8 +115,8 @@ def distill(
                         weighting=weighting, steps=steps, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                         lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, crop_padding=crop_padding,
                         flip=flip, mixup=mixup, eval_dataset=eval_dataset, eval_root=eval_root, eval_every=eval_every,
-                        eval_limit=eval_limit, log_every=log_every, ckpt_every=ckpt_every, keep=keep, workers=workers,
-                        device=device, compile=compile, seed=seed)
+                        eval_limit=eval_limit, log_every=log_every, ckpt_every=ckpt_every, keep=keep, lanes=lanes,
+                        workers=workers, device=device, compile=compile, seed=seed)
     result = run_distill(cfg, resume=resume)
     last = result["history"][-1] if result["history"] else {}
     summary = f"{result['steps']} steps; saved {result['student']}"

@@ -12,8 +12,11 @@ RNG states are saved and restored as well for anything outside those.
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, fields
@@ -73,7 +76,8 @@ class DistillConfig:
     ckpt_every: int = 500
     keep: int = 3
     window_groups: int = 8
-    workers: int = 2
+    lanes: int = 2  # reading streams per rank, interleaved batch by batch: part of the data order
+    workers: int | None = None  # reader processes, speed only (resume may change it); default: 0 on CPU, 4 on CUDA
     device: str = "auto"
     amp: bool = True  # CUDA only
     compile: bool = False
@@ -81,6 +85,19 @@ class DistillConfig:
 
     def resolved(self) -> dict[str, Any]:
         return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
+
+
+# Options that change only speed: a --resume may change them and still continue bit for bit.
+SPEED_ONLY = {"workers"}
+
+
+def reader_workers(cfg: DistillConfig, device: torch.device) -> int:
+    """On CPU the training step already uses every core and reading a batch in-process costs about 1% of
+    it, so worker processes would only compete with it (benchmarks/train_throughput.py); on CUDA they keep
+    the GPU fed."""
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
 
 
 # -- factories -------------------------------------------------------------------------------------------------
@@ -182,7 +199,7 @@ def load_latest_checkpoint(cfg: DistillConfig) -> dict[str, Any] | None:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # a checkpoint cut short is skipped for the one before it
             continue
-        changed = {k for k, v in cfg.resolved().items() if state["config"].get(k) != v}
+        changed = {k for k, v in cfg.resolved().items() if state["config"].get(k) != v and k not in SPEED_ONLY}
         if changed:
             raise UserError(f"--resume with a changed config ({', '.join(sorted(changed))}): use the same options "
                             f"as the run in {cfg.out}, or a new --out")
@@ -259,7 +276,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
                 "reader": reader.to_dict(), "step": step, "history": history, "config": cfg.resolved()}
 
-    lanes = max(1, cfg.workers)
+    workers = reader_workers(cfg, device)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     metrics_file = open(cfg.out / "metrics.jsonl", "a")
     pending: list[torch.Tensor] = []
@@ -269,66 +286,60 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     with Progress(*columns) as progress:
         task = progress.add_task("distill", total=steps, completed=step, status="")
         student.train()
-        while step < steps:
-            plan = EpochPlan(shards, cfg.batch_size, cfg.seed, reader.epoch, rank=rank, world=world, lanes=lanes,
-                             window_groups=cfg.window_groups, weighted=cfg.weighting == "sample")
-            if len(plan) == 0:
-                raise UserError(f"the shards hold fewer rows than one batch ({cfg.batch_size}): lower --batch-size")
-            loader = DataLoader(ShardBatches(shards, plan, with_embedding=cfg.feature_weight > 0), batch_size=None,
-                                sampler=range(reader.batch, len(plan)), num_workers=cfg.workers,
-                                prefetch_factor=4 if cfg.workers else None, pin_memory=device.type == "cuda")
-            for batch in loader:
-                generator = step_generator(cfg.seed, step)
-                images = random_crop_flip(batch["pixels"].to(device, non_blocking=True), cfg.crop_padding,
-                                          cfg.flip, generator)
-                inputs = normalize(images)
-                if cfg.mixup > 0:
-                    inputs = mix(inputs, cfg.mixup, cfg.seed, step)
-                inputs = inputs.contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    if teacher is not None:
-                        with torch.inference_mode():
-                            targets = teacher.model(inputs).float()
-                        targets = targets.clone()
-                    else:
-                        targets = batch["logits"].to(device, non_blocking=True)
-                    features = embed(inputs)
-                    logits = student.classifier(features)
-                    weights = batch["weight"].to(device) if cfg.weighting == "loss" else None
-                    terms = loss_fn(logits.float(), targets, weights, features,
-                                    batch["embedding"].to(device) if cfg.feature_weight > 0 else None)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(terms.total).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                step += 1
-                reader.batch += 1
-                seen_since += len(images)
-                pending.append(torch.stack([terms.total.detach(), (logits.argmax(1) == targets.argmax(1)).float().mean()]))
-                if step % cfg.log_every == 0 or step == steps:
-                    loss_value, fit = torch.stack(pending).mean(0).tolist()
-                    rate = seen_since / (time.perf_counter() - started)
-                    record = {"step": step, "epoch": reader.epoch, "loss": loss_value, "teacher_fit": fit,
-                              "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
-                    if evaluator is not None and (step % cfg.eval_every == 0 or step == steps):
-                        record.update({f"eval_{k}": v for k, v in evaluator(student).items()})
-                        student.train()
-                    history.append(record)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    status = f"loss {loss_value:.3f} fit {fit:.3f} {rate:.0f} img/s"
-                    if "eval_accuracy" in record:
-                        status += f" eval {record['eval_accuracy']:.3f}"
-                    progress.update(task, status=status)
-                    pending, started, seen_since = [], time.perf_counter(), 0
-                progress.update(task, completed=step)
-                if step % cfg.ckpt_every == 0 or step == steps:
-                    save_checkpoint(cfg.out, step, checkpoint_state(), cfg.keep)
-                if step >= steps:
-                    break
-            else:
-                reader.epoch, reader.batch = reader.epoch + 1, 0
+        plan_for = functools.partial(EpochPlan, shards, cfg.batch_size, cfg.seed, rank=rank, world=world,
+                                     lanes=cfg.lanes, window_groups=cfg.window_groups,
+                                     weighted=cfg.weighting == "sample")
+        stream = ShardBatches(shards, plan_for, with_embedding=cfg.feature_weight > 0)
+        loader = DataLoader(stream, batch_size=None, sampler=itertools.islice(stream.keys(reader), steps - step), num_workers=workers,
+                            prefetch_factor=4 if workers else None, pin_memory=device.type == "cuda")
+        for batch in loader:
+            generator = step_generator(cfg.seed, step)
+            images = random_crop_flip(batch["pixels"].to(device, non_blocking=True), cfg.crop_padding,
+                                      cfg.flip, generator)
+            inputs = normalize(images)
+            if cfg.mixup > 0:
+                inputs = mix(inputs, cfg.mixup, cfg.seed, step)
+            inputs = inputs.contiguous(memory_format=memory_format)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                if teacher is not None:
+                    with torch.inference_mode():
+                        targets = teacher.model(inputs).float()
+                    targets = targets.clone()
+                else:
+                    targets = batch["logits"].to(device, non_blocking=True)
+                features = embed(inputs)
+                logits = student.classifier(features)
+                weights = batch["weight"].to(device) if cfg.weighting == "loss" else None
+                terms = loss_fn(logits.float(), targets, weights, features,
+                                batch["embedding"].to(device) if cfg.feature_weight > 0 else None)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms.total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            step += 1
+            reader.epoch, reader.batch = batch["key"][0], batch["key"][1] + 1
+            seen_since += len(images)
+            pending.append(torch.stack([terms.total.detach(), (logits.argmax(1) == targets.argmax(1)).float().mean()]))
+            if step % cfg.log_every == 0 or step == steps:
+                loss_value, fit = torch.stack(pending).mean(0).tolist()
+                rate = seen_since / (time.perf_counter() - started)
+                record = {"step": step, "epoch": reader.epoch, "loss": loss_value, "teacher_fit": fit,
+                          "lr": scheduler.get_last_lr()[0], "samples_per_s": rate}
+                if evaluator is not None and (step % cfg.eval_every == 0 or step == steps):
+                    record.update({f"eval_{k}": v for k, v in evaluator(student).items()})
+                    student.train()
+                history.append(record)
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                status = f"loss {loss_value:.3f} fit {fit:.3f} {rate:.0f} img/s"
+                if "eval_accuracy" in record:
+                    status += f" eval {record['eval_accuracy']:.3f}"
+                progress.update(task, status=status)
+                pending, started, seen_since = [], time.perf_counter(), 0
+            progress.update(task, completed=step)
+            if step % cfg.ckpt_every == 0 or step == steps:
+                save_checkpoint(cfg.out, step, checkpoint_state(), cfg.keep)
     metrics_file.close()
 
     meta = {**{k: v for k, v in shards.manifest["teacher"]["meta"].items() if k not in ("history", "config")},
