@@ -77,6 +77,19 @@ def test_mix_seed_changes_the_subset(mix_spec: Path, tmp_path: Path) -> None:
     assert [a.uid(i) for i in range(8)] != [b.uid(i) for i in range(8)]
 
 
+def test_mix_scale_keeps_a_seeded_fraction_of_every_source(mix_spec: Path, tmp_path: Path) -> None:
+    whole = open_pool(str(mix_spec), tmp_path)
+    half = open_pool(str(mix_spec), tmp_path, {"scale": 0.5})
+    assert [len(s) for s in half.sources] == [4, 3, 6, 5]  # rounded halves of 8, 5 (generated), 12, 10
+    uids = {whole.uid(i) for i in range(len(whole))}
+    assert {half.uid(i) for i in range(len(half))} <= uids  # a subset of what the full spec holds
+    assert [half.uid(i) for i in range(len(half))] == [open_pool(str(mix_spec), tmp_path, {"scale": 0.5}).uid(i)
+                                                       for i in range(len(half))]
+    assert half.describe()["scale"] == 0.5 and whole.describe()["scale"] == 1.0
+    with pytest.raises(UserError, match="not in"):
+        open_pool(str(mix_spec), tmp_path, {"scale": 2})
+
+
 def test_mix_shared_class_names(tmp_path: Path) -> None:
     spec = tmp_path / "digits.toml"
     spec.write_text('[[source]]\nkind = "digits"\nstop = 100\n\n[[source]]\nkind = "mnist5k"\nname = "m5k"\ncount = 50\n')

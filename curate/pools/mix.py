@@ -3,6 +3,8 @@
 ```toml
 name = "related-hidden"
 seed = 0                     # seeds the random subsets below
+scale = 1.0                  # optional: keep a seeded fraction of every source (quick runs); also an option:
+                             # --option scale=0.1
 
 [[source]]
 kind = "fashion-mnist"       # any pool kind
@@ -51,28 +53,32 @@ class MixSource:
         return position if self.indices is None else int(self.indices[position])
 
 
-def _subset(entry: dict, pool: Pool, seed: int, takes_count: bool) -> np.ndarray | None:
+def _subset(entry: dict, pool: Pool, seed: int, takes_count: bool, scale: float) -> np.ndarray | None:
     start = int(entry.get("start", 0))
     stop = int(entry.get("stop", len(pool)))
     if not 0 <= start <= stop <= len(pool):
         raise UserError(f"source {entry['name']}: start/stop {start}..{stop} outside its {len(pool)} samples")
-    count = entry.get("count")
-    if takes_count or count is None:
+    count = None if takes_count else entry.get("count")  # a generating kind made exactly its count already
+    if scale != 1.0:
+        count = max(1, int((stop - start if count is None else int(count)) * scale + 0.5))
+    if count is None:
         return None if (start, stop) == (0, len(pool)) else np.arange(start, stop)
     if int(count) > stop - start:
         raise UserError(f"source {entry['name']}: count {count} exceeds the {stop - start} samples in range")
     rng = np.random.default_rng([seed, int(hashlib.sha256(entry["name"].encode()).hexdigest()[:8], 16)])
-    return np.sort(rng.choice(np.arange(start, stop), size=int(count), replace=False))
+    # a prefix of one seeded permutation: a scaled-down spec takes a subset of what the full one takes
+    return np.sort(start + rng.permutation(stop - start)[:int(count)])
 
 
 @register
 class MixPool(Pool):
     kind = "mix"
     summary = "a TOML spec mixing several sources with per-source options, ranges and counts (see data/pools/)"
-    options = {"spec": "path of the TOML spec (or give the .toml as --pool)"}
+    options = {"spec": "path of the TOML spec (or give the .toml as --pool)",
+               "scale": "keep a seeded fraction of every source, e.g. 0.1 for a quick run (default: the spec's, or 1)"}
     root_help = "base folder for sources whose root is relative or missing"
 
-    def __init__(self, root: Path | None = None, spec: str | None = None) -> None:
+    def __init__(self, root: Path | None = None, spec: str | None = None, scale: float | None = None) -> None:
         if spec is None:
             raise UserError("the mix pool needs a spec: pass --pool path/to/spec.toml")
         self.spec_path = Path(spec)
@@ -87,10 +93,13 @@ class MixPool(Pool):
             raise UserError(f"pool spec {self.spec_path} has no [[source]] tables: add at least one")
         self.source = str(self.spec.get("name", self.spec_path.stem))
         seed = int(self.spec.get("seed", 0))
+        self.scale = float(scale if scale is not None else self.spec.get("scale", 1.0))
+        if not 0 < self.scale <= 1:
+            raise UserError(f"pool scale {self.scale} is not in (0, 1]: give a fraction such as 0.1")
         base = root if root is not None else default_root()
         self.sources: list[MixSource] = []
         for entry in entries:
-            self.sources.append(self._open_source(dict(entry), base, seed))
+            self.sources.append(self._open_source(dict(entry), base, seed, self.scale))
         names = [s.name for s in self.sources]
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
@@ -100,7 +109,7 @@ class MixPool(Pool):
         # Labels mean the same thing across the mix only when every source names the same classes.
         self.class_names = list(label_spaces.pop()) if len(label_spaces) == 1 else None
 
-    def _open_source(self, entry: dict, base: Path, seed: int) -> MixSource:
+    def _open_source(self, entry: dict, base: Path, seed: int, scale: float) -> MixSource:
         kind = entry.get("kind")
         if kind not in POOL_KINDS or kind == "mix":
             raise UserError(f"pool spec {self.spec_path}: source kind {kind!r} unknown; run `curate pools`")
@@ -109,16 +118,19 @@ class MixPool(Pool):
         takes_count = "count" in POOL_KINDS[kind].options
         if takes_count and "count" in entry:
             options["count"] = entry["count"]
+
         if "name" in POOL_KINDS[kind].options:
             options["name"] = entry["name"]
         root = entry.get("root")
         root_path = None if root is None else (Path(root) if Path(root).is_absolute() else base / root)
         try:
             pool = make_pool(kind, root_path, options)
+            if takes_count and scale != 1.0:  # the first samples it makes: neighbours share a decoded photo
+                pool = make_pool(kind, root_path, {**options, "count": max(1, int(len(pool) * scale + 0.5))})
         except UserError as err:
             raise UserError(f"source {entry['name']} of {self.spec_path}: {err}") from None
         pool.source = entry["name"]
-        return MixSource(entry["name"], pool, _subset(entry, pool, seed, takes_count))
+        return MixSource(entry["name"], pool, _subset(entry, pool, seed, takes_count, 1.0 if takes_count else scale))
 
     @property
     def cheap_to_read(self) -> bool:  # type: ignore[override]
@@ -152,5 +164,6 @@ class MixPool(Pool):
         return {
             **super().describe(),
             "spec": self.spec,
+            "scale": self.scale,
             "sources": [{**s.pool.describe(), "name": s.name, "taken": len(s)} for s in self.sources],
         }

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
@@ -139,24 +140,21 @@ def reopen_pool(scored: ScoredPool, root: Path | None):
     return pool
 
 
-def verify_images(scored: ScoredPool, pool, rows: pa.Table) -> None:
-    """Run the scoring teacher on a few selected images read from the pool now and compare with the stored
+def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndarray) -> None:
+    """Run the scoring teacher on a few selected images as read from the pool now and compare with the stored
     logits: a pool whose files changed since scoring (same names and count, other pixels) is caught here."""
-    from curate.score.runner import score_samples
+    from curate.score.runner import ForwardPass
     from curate.teachers import load_teacher
 
     teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
-    if not teacher_path.is_file():
+    if not teacher_path.is_file() or not len(images):
         return  # the teacher moved: nothing to compare with (uids and pool size were still checked)
     teacher = load_teacher(teacher_path)
     if teacher.fingerprint != scored.fingerprint:
         return
-    batch, scores = score_samples(teacher, pool, rows["position"].to_numpy())
-    if batch.errors or scores is None:
-        raise UserError(f"{batch.errors[0][1]} was readable when scored but not now: the pool changed; score it again")
-    stored = float_lists(rows["logits"])
-    fresh = scores.logits.float().numpy()
-    relative = np.abs(fresh - stored).max(1) / (np.abs(stored).max(1) + 1e-3)
+    forward = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)
+    fresh = forward(torch.from_numpy(np.array(images))).logits.float().numpy()
+    relative = np.abs(fresh - stored_logits).max(1) / (np.abs(stored_logits).max(1) + 1e-3)
     if np.median(relative) > 0.05:
         raise UserError(f"the images read from the pool now give other teacher outputs than when scored (median "
                         f"relative difference {np.median(relative):.2f}): point --root at the data that was scored")
@@ -188,8 +186,6 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
     rows = rows.take(pa.array(np.random.default_rng(cfg.seed).permutation(rows.num_rows)))
 
     spec = InputSpec.from_meta(scored.teacher_meta)
-    if cfg.verify:
-        verify_images(scored, pool, rows.slice(0, cfg.verify))
     embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -216,31 +212,56 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
                           | {"teacher_fingerprint": scored.fingerprint})
 
     def fill(folder: Path) -> None:
-        _write_shards(cfg, pool, spec, rows, schema, folder, manifest)
+        pixels_file = folder / "pixels.tmp.npy"
+        pixels = read_pixels(cfg, pool, spec, rows, pixels_file)
+        verify = min(cfg.verify, rows.num_rows)
+        verify_images(scored, pixels[:verify], float_lists(rows["logits"].slice(0, verify)))
+        _write_shards(cfg, rows, pixels, schema, folder, manifest)
+        del pixels
+        pixels_file.unlink()
         (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
     write_folder_atomically(cfg.out, fill)
     return ExportSummary(cfg.out, rows.num_rows, len(manifest["shards"]), time.perf_counter() - started)
 
 
-def _write_shards(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, schema: pa.Schema, folder: Path,
-                  manifest: dict[str, Any]) -> None:
+def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: Path) -> np.ndarray:
+    """The pixels of ``rows`` (in their shuffled output order) in a memory-mapped array at ``path``.
+
+    The pool is read in its own order, not the shuffled one: sources such as photo patches decode one
+    photo per block of neighbouring samples, so random reads would decode a photo per sample. The array
+    (fixed size: the teacher's input shape) keeps memory flat whatever the selection's size.
+    """
     workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
     positions = rows["position"].to_numpy()
-    loader = DataLoader(PoolDataset(pool, spec.geometry(), positions), batch_size=cfg.row_group_rows,
+    read_order = np.argsort(positions, kind="stable")  # output row of the k-th image read
+    pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows.num_rows, *spec.shape()))
+    loader = DataLoader(PoolDataset(pool, spec.geometry(), positions[read_order]), batch_size=cfg.row_group_rows,
                         num_workers=workers, collate_fn=collate_samples, prefetch_factor=4 if workers else None)
-    columns = [TextColumn("[bold]exporting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    shard_index, writer, in_shard, offset = 0, None, 0, 0
+    columns = [TextColumn("[bold]reading the pool"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    done = 0
     with Progress(*columns) as progress:
-        task = progress.add_task("export", total=rows.num_rows)
+        task = progress.add_task("read", total=rows.num_rows)
         for batch in loader:
             if batch.errors:
                 uid, reason = batch.errors[0][1], batch.errors[0][2]
                 raise UserError(f"{uid} was readable when scored but not now ({reason}): the pool changed; "
                                 "score it again")
-            part = rows.slice(offset, len(batch.indices))
-            offset += len(batch.indices)
-            images = batch.images.numpy().reshape(len(batch.indices), -1)
+            pixels[read_order[done:done + len(batch.indices)]] = batch.images.numpy()
+            done += len(batch.indices)
+            progress.advance(task, len(batch.indices))
+    return pixels
+
+
+def _write_shards(cfg: ExportConfig, rows: pa.Table, pixels: np.ndarray, schema: pa.Schema, folder: Path,
+                  manifest: dict[str, Any]) -> None:
+    columns = [TextColumn("[bold]writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
+    shard_index, writer, in_shard = 0, None, 0
+    with Progress(*columns) as progress:
+        task = progress.add_task("write", total=rows.num_rows)
+        for offset in range(0, rows.num_rows, cfg.row_group_rows):
+            part = rows.slice(offset, cfg.row_group_rows)
+            images = pixels[offset:offset + part.num_rows].reshape(part.num_rows, -1)
             record = pa.table({
                 "uid": part["uid"], "source": part["source"].cast(pa.string()).dictionary_encode(),
                 "pixels": pa.array([image.tobytes() for image in images], pa.binary()),
