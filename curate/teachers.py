@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from curate.atomic import write_atomically
 from curate.errors import UserError
 from curate.models import build_model
 from curate.spec import InputSpec
@@ -71,24 +72,29 @@ def save_teacher(model: nn.Module, meta: dict[str, Any], path: Path | str, forma
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     meta_bytes = json.dumps(meta).encode()
-    if format == "checkpoint":
-        if arch is None:
-            raise ValueError("a checkpoint needs the registry name of its architecture (arch=...)")
-        torch.save({"arch": arch, "arch_options": arch_options or {}, "state_dict": model.state_dict(),
-                    "meta": meta}, path)
-    elif format == "torchscript":
-        with warnings.catch_warnings():  # TorchScript is deprecated; it is still a format users hand us
-            warnings.simplefilter("ignore", FutureWarning)
-            torch.jit.save(torch.jit.script(model), str(path), _extra_files={META_FILE: meta_bytes})
-    elif format == "export":
-        spec = InputSpec.from_meta(meta)
-        example = torch.zeros(2, *spec.shape())
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        torch.export.save(program, path, extra_files={META_FILE: meta_bytes.decode()})
-    elif format == "pickle":
-        torch.save(model, path)
-    else:
+    if format not in FORMATS:
         raise ValueError(f"unknown teacher format {format!r}; one of {FORMATS}")
+    if format == "checkpoint" and arch is None:
+        raise ValueError("a checkpoint needs the registry name of its architecture (arch=...)")
+
+    def write(target: Path) -> None:
+        if format == "checkpoint":
+            torch.save({"arch": arch, "arch_options": arch_options or {}, "state_dict": model.state_dict(),
+                        "meta": meta}, target)
+        elif format == "torchscript":
+            with warnings.catch_warnings():  # TorchScript is deprecated; it is still a format users hand us
+                warnings.simplefilter("ignore", FutureWarning)
+                torch.jit.save(torch.jit.script(model), str(target), _extra_files={META_FILE: meta_bytes})
+        elif format == "export":
+            spec = InputSpec.from_meta(meta)
+            example = torch.zeros(2, *spec.shape())
+            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+            with open(target, "wb") as f:  # a file object: the temporary name need not end in .pt2
+                torch.export.save(program, f, extra_files={META_FILE: meta_bytes.decode()})
+        else:
+            torch.save(model, target)
+
+    write_atomically(path, write)  # a run killed while saving leaves the previous file or none, never half of one
     return path
 
 

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian machine with Python 3.11:
-#   scripts/setup.sh test   system fonts the tests use, a venv with the package and pytest
-#   scripts/setup.sh demo   the above plus the Debian packages the demo reads its real data from
+#   scripts/setup.sh test   the Debian packages with the real data (the suite runs the experiment's quick
+#                           profile on them), a venv with the package and pytest
+#   scripts/setup.sh demo   the same data packages and venv
 # Safe to re-run: apt and pip skip what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 profile="${1:-test}"
 case "$profile" in
-  test) apt_packages=(fonts-dejavu-core fonts-noto-color-emoji) ;;
-  demo) apt_packages=(fonts-dejavu-core fonts-noto-color-emoji fonts-ipafont-gothic dataset-fashion-mnist
-                      gnome-backgrounds plasma-workspace-wallpapers adwaita-icon-theme) ;;
+  test|demo) apt_packages=(fonts-dejavu-core fonts-noto-color-emoji fonts-ipafont-gothic dataset-fashion-mnist
+                           gnome-backgrounds plasma-workspace-wallpapers adwaita-icon-theme) ;;
   *) echo "usage: scripts/setup.sh [test|demo]" >&2; exit 2 ;;
 esac
 

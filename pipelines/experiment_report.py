@@ -1,0 +1,255 @@
+"""The experiment's results: `results.json`, `report.md` and its plots, from the finished runs.
+
+Each student is evaluated once on the whole test split (accuracy, and agreement with the teacher's
+predictions there) and the figures are cached next to it (`final_eval.json`), so writing the report again
+costs seconds. Curves come from the runs' own `metrics.jsonl` (evaluations on a seeded test subset).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipelines.hetero_distill import Experiment, Run
+
+STEPS_TO_FRACTION = 0.9  # steps_to_90: the first evaluation reaching 90% of `original`'s final accuracy
+
+
+class TestSet:
+    """The test split, loaded once, and the teacher's predictions on it."""
+
+    def __init__(self, experiment: Experiment) -> None:
+        from curate.device import pick_device
+        from curate.pools import open_pool
+        from curate.teachers import load_teacher
+        from pipelines.hetero_distill import TEST_SET
+        from train.data import make_loader
+        from train.evaluate import predictions
+
+        self.device = pick_device("auto")
+        teacher = load_teacher(experiment.teacher, device=self.device)
+        pool = open_pool(TEST_SET, experiment.root)
+        self.loader = make_loader(pool, teacher.spec, 1000, shuffle=False, seed=0, workers=0)
+        self.teacher_preds, self.labels = predictions(teacher, self.loader, teacher.spec.normalize(), self.device)
+        self.teacher_accuracy = float((self.teacher_preds == self.labels).float().mean())
+
+    def evaluate(self, student_file: Path) -> dict[str, float]:
+        from curate.teachers import load_teacher
+        from train.evaluate import predictions
+
+        student = load_teacher(student_file, device=self.device)
+        preds, _ = predictions(student, self.loader, student.spec.normalize(), self.device)
+        return {"accuracy": float((preds == self.labels).float().mean()),
+                "agreement": float((preds == self.teacher_preds).float().mean())}
+
+
+def final_eval(run: Run, test: TestSet) -> dict[str, float]:
+    cached = run.folder / "final_eval.json"
+    if cached.exists() and cached.stat().st_mtime >= (run.folder / "student.pt").stat().st_mtime:
+        return json.loads(cached.read_text())
+    result = test.evaluate(run.folder / "student.pt")
+    cached.write_text(json.dumps(result))
+    return result
+
+
+def curve(run: Run) -> list[tuple[int, float]]:
+    lines = (run.folder / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["eval_accuracy"]) for r in map(json.loads, lines) if "eval_accuracy" in r]
+
+
+def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
+    """Mean and spread over seeds of one arm on one pool, with the mean curve."""
+    finals = [final_eval(r, test) for r in runs]
+    curves = [curve(r) for r in runs]
+    steps = [s for s, _ in curves[0]]
+    mean_curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in steps]
+    accuracy = [f["accuracy"] for f in finals]
+    return {"accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1)) if len(runs) > 1
+            else 0.0, "agreement": float(np.mean([f["agreement"] for f in finals])), "seeds": [r.seed for r in runs],
+            "per_seed_accuracy": accuracy, "curve": mean_curve}
+
+
+def steps_to(curve_points: list[list[float]], target: float) -> int | None:
+    return next((int(step) for step, accuracy in curve_points if accuracy >= target), None)
+
+
+def selection_quality(experiment: Experiment) -> dict[str, dict[str, Any]]:
+    """Per pool and selection: rows, how much of it is the hidden Fashion-MNIST half (precision) and how much
+    of that half it found (recall)."""
+    from curate.query.scored import ScoredPool, sql_string
+    from pipelines.hetero_distill import HIDDEN_SOURCE, POOLS
+
+    con = ScoredPool.open(experiment.scored("pool")).connect()
+    hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = '{HIDDEN_SOURCE}'").fetchone()[0]
+    quality: dict[str, dict[str, Any]] = {}
+    for pool in POOLS:
+        for arm in ("uniform", "related"):
+            path = sql_string(str(experiment.selection(arm, pool)))
+            rows, found, classes = con.execute(f"""
+                SELECT count(*), count(*) FILTER (WHERE s.source = '{HIDDEN_SOURCE}'), count(DISTINCT s.pred)
+                FROM read_parquet({path}) sel JOIN scores s USING (uid)""").fetchone()
+            quality.setdefault(pool, {})[arm] = {
+                "rows": rows, "hidden_fashion_rows": found, "predicted_classes": classes,
+                "precision": found / rows if rows else 0.0, "recall": found / hidden if hidden else None}
+    return quality
+
+
+def plot_curves(results: dict[str, Any], pools: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(pools), figsize=(6 * len(pools), 4.2), sharey=True)
+    original = results["arms"]["original"]["original"]
+    for ax, pool in zip(np.atleast_1d(axes), pools):
+        steps, accuracy = zip(*original["curve"])
+        ax.plot(steps, accuracy, "k--", label="original (teacher's own images)")
+        for arm, style in (("uniform", "C0o-"), ("related", "C1s-"), ("related+signal", "C2^-")):
+            entry = results["arms"][arm][pool]
+            steps, accuracy = zip(*entry["curve"])
+            ax.plot(steps, accuracy, style, markersize=3, label=f"{arm} ({entry['accuracy']:.1%})")
+        ax.axhline(STEPS_TO_FRACTION * original["accuracy"], color="grey", lw=0.8, ls=":")
+        ax.set_title(f"pool: {pool}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (subset, mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sample_grid(experiment: Experiment, path: Path, per_source: int = 8) -> None:
+    """A row of pool images per source, as the teacher sees them, with their relatedness."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from curate.pools import PoolDataset
+    from curate.query.export import reopen_pool
+    from curate.query.scored import ScoredPool
+    from curate.spec import InputSpec
+
+    scored = ScoredPool.open(experiment.scored("pool"))
+    pool = reopen_pool(scored, experiment.root)
+    geometry = InputSpec.from_meta(scored.teacher_meta).geometry()
+    con = scored.connect()
+    rng = np.random.default_rng(0)
+    names, rows = [s.name for s in pool.sources], []
+    for source, start in zip(pool.sources, pool.starts):
+        positions = np.sort(start + rng.choice(len(source), min(per_source, len(source)), replace=False))
+        samples = [PoolDataset(pool, geometry)[int(i)] for i in positions]
+        uids = [sample[1] for sample in samples]
+        related = dict(con.execute("SELECT uid, relatedness FROM scores WHERE list_contains(?, uid)", [uids]).fetchall())
+        rows.append([(sample[4], related.get(sample[1])) for sample in samples if sample[4] is not None])
+    fig, axes = plt.subplots(len(rows), per_source, figsize=(per_source * 0.9, len(rows) * 1.05))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_frame_on(False)
+    for r, (name, row) in enumerate(zip(names, rows)):
+        for c, (image, relatedness) in enumerate(sorted(row, key=lambda x: -(x[1] if x[1] is not None else -1e9))):
+            axes[r, c].imshow(image.permute(1, 2, 0).squeeze().numpy(), cmap="gray", vmin=0, vmax=255)
+            axes[r, c].set_title("?" if relatedness is None else f"{relatedness:.1f}", fontsize=6, pad=1)
+        axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
+    fig.suptitle("pool samples per source (teacher's input) and their relatedness", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def write_experiment_report(experiment: Experiment) -> Path:
+    from pipelines.hetero_distill import ARMS, POOLS
+
+    out = experiment.out
+    test = TestSet(experiment)
+    runs = experiment.distill_runs()
+    arm_runs = [r for r in runs if r.label in ARMS]
+    results: dict[str, Any] = {"profile": experiment.profile.name, "teacher_accuracy": test.teacher_accuracy,
+                               "arms": {}, "ablation": {}}
+    for arm in ARMS:
+        for pool in ["original"] if arm == "original" else list(POOLS):
+            group = [r for r in arm_runs if r.label == arm and r.pool == pool]
+            results["arms"].setdefault(arm, {})[pool] = summarize(group, test)
+    target = STEPS_TO_FRACTION * results["arms"]["original"]["original"]["accuracy"]
+    for arm in results["arms"].values():
+        for entry in arm.values():
+            entry["steps_to_90"] = steps_to(entry["curve"], target)
+    for run in runs:
+        if run.label not in ARMS:
+            results["ablation"][run.label] = {**final_eval(run, test), "pool": run.pool, "seed": run.seed,
+                                              "options": run.options}
+    results["selection"] = selection_quality(experiment)
+    results["stage_seconds"] = {k: round(v, 1) for k, v in experiment.runner.timings.items()}
+    from pipelines.hetero_distill import REPO
+
+    results["commands"] = [command.replace(f"{REPO}/", "") for command in experiment.runner.commands]  # from the repo
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    plot_curves(results, list(POOLS), out / "curves.png")
+    plot_sample_grid(experiment, out / "samples_by_source.png")
+    (out / "report.md").write_text(render_markdown(results, experiment))
+    return out / "report.md"
+
+
+def render_markdown(results: dict[str, Any], experiment: Experiment) -> str:
+    from pipelines.hetero_distill import ARMS, POOLS, SIGNAL
+
+    p = experiment.profile
+    original = results["arms"]["original"]["original"]
+    lines = [f"# Distilling a Fashion-MNIST teacher from heterogeneous pools (profile `{p.name}`)", "",
+             f"Teacher: resnet8 on {'the first half' if not p.teacher_limit else f'{p.teacher_limit:,} images of the first half'} "
+             f"of Fashion-MNIST train, **{_pct(results['teacher_accuracy'])}** test accuracy. Student: resnet8 at "
+             f"width {p.student_width}, {p.steps:,} steps of {p.batch_size}, for every arm. Test: Fashion-MNIST's "
+             f"10,000 test images (curves: a seeded {p.eval_limit:,}-image subset). Seeds {list(p.seeds)}: mean ± "
+             "standard deviation.", "",
+             "| arm | pool | test accuracy | agreement with teacher | steps to 90% of original |",
+             "|---|---|---:|---:|---:|"]
+    for arm in ARMS:
+        for pool, entry in results["arms"][arm].items():
+            spread = f" ± {100 * entry['accuracy_std']:.1f}" if len(entry["seeds"]) > 1 else ""
+            lines.append(f"| {arm} | {pool} | {_pct(entry['accuracy'])}{spread} | {_pct(entry['agreement'])} | "
+                         f"{entry['steps_to_90'] if entry['steps_to_90'] is not None else 'never'} |")
+    lines += ["", f"`steps to 90% of original`: first evaluated step whose accuracy reaches "
+              f"{_pct(STEPS_TO_FRACTION * original['accuracy'])}.", "", "![accuracy vs steps](curves.png)", ""]
+    signal = " ".join(SIGNAL).replace("{teacher}", "teacher.pt")
+    lines += ["`related`: balanced over the teacher's predicted classes, each class's quota filled by relatedness, "
+              "class weights as sampling probabilities, KD (T=4) on stored logits. `related+signal`: the same "
+              f"shards with `{signal}`.", ""]
+    if results["ablation"]:
+        base = results["ablation"].get("related (KD on stored logits)", {}).get("accuracy")
+        lines += ["## Ablation: one learning-signal ingredient at a time on `related`", "",
+                  f"Pool `no-fashion`, seed {p.ablation_seed} (not among the final table's seeds).", "",
+                  "| ingredient | options | test accuracy | vs related | agreement |", "|---|---|---:|---:|---:|"]
+        for name, entry in results["ablation"].items():
+            delta = "" if base is None else f"{100 * (entry['accuracy'] - base):+.1f}"
+            options = " ".join(entry["options"]).replace("{teacher}", "teacher.pt") or "(none)"
+            lines.append(f"| {name} | `{options}` | {_pct(entry['accuracy'])} | {delta} | {_pct(entry['agreement'])} |")
+        lines.append("")
+    lines += ["## Selections", "",
+              "Share of each selection taken from the hidden Fashion-MNIST half (precision) and share of that half "
+              "it took (recall); `no-fashion` excludes that source by construction.", "",
+              "| pool | selection | rows | predicted classes | hidden Fashion-MNIST rows | precision | recall |",
+              "|---|---|---:|---:|---:|---:|---:|"]
+    for pool, arms in results["selection"].items():
+        for arm, q in arms.items():
+            lines.append(f"| {pool} | {arm} | {q['rows']:,} | {q['predicted_classes']} | {q['hidden_fashion_rows']:,} | "
+                         f"{_pct(q['precision'])} | {_pct(q['recall'])} |")
+    lines += ["", "Composition of the `related` selections per source and per predicted class: "
+              + ", ".join(f"[{pool}](selection-report/{pool}/report.md)" for pool in POOLS) + ".", "",
+              "![pool samples per source](samples_by_source.png)", "",
+              "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
+    lines += [f"| {stage} | {seconds:,.0f} |" for stage, seconds in results["stage_seconds"].items()]
+    lines += [f"| total | {sum(results['stage_seconds'].values()):,.0f} |", "",
+              "## Commands, in order (from the repository's root)", "", "```bash", *results["commands"], "```", ""]
+    return "\n".join(lines)
