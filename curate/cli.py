@@ -60,18 +60,27 @@ def score(
     autocast: Annotated[bool | None, typer.Option(help="bf16/fp16 autocast (default: on for CUDA, off on CPU)")] = None,
     channels_last: Annotated[bool, typer.Option(help="channels-last memory format for convolutions")] = True,
     reference_count: Annotated[int, typer.Option(min=64, help="noise images that standardise the indicators")] = 2048,
+    executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray actor pool; pip install "
+                                          "'hetero-distill[ray]')")] = "local",
+    address: Annotated[str | None, typer.Option(help="ray: the cluster to join, HOST:PORT or auto (default: "
+                                                "$RAY_ADDRESS, else a local Ray on this machine)")] = None,
+    num_actors: Annotated[int | None, typer.Option(min=1, help="ray: teachers running at once "
+                                                   "(default: one per GPU of the cluster, else one per CPU)")] = None,
 ) -> None:
     """Run the teacher once over a pool; write logits, embeddings and relatedness to Parquet shards.
 
-    Resumable: rerun the same command after an interruption and it continues after the last complete shard.
+    Resumable: rerun the same command after an interruption and it continues after the last complete shard
+    (with either executor: both write the same rows).
     Example: curate score --teacher teacher.pt --pool data/pools/related-hidden.toml --out scored/
+    On a Ray cluster: curate score ... --executor ray --address HEAD:6379
     """
     from curate.score import ScoreConfig, score_pool
 
     cfg = ScoreConfig(teacher=teacher, pool=pool, out=out, root=root, pool_options=parse_options(option or []),
                       teacher_meta=teacher_meta, trust_pickle=trust_pickle, batch_size=batch_size, workers=workers,
                       shard_rows=shard_rows, limit=limit, device=device, autocast=autocast,
-                      channels_last=channels_last, reference_count=reference_count)
+                      channels_last=channels_last, reference_count=reference_count, executor=executor,
+                      address=address, num_actors=num_actors)
     summary = score_pool(cfg)
     table = Table(title=f"{summary.out}: {summary.rows:,} rows, {summary.errors:,} unreadable, "
                         f"{summary.shards_written} shards written, {summary.shards_skipped} already complete, "

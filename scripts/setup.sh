@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything on a fresh Debian machine with Python 3.11:
 #   scripts/setup.sh test   the Debian packages with the real data (the suite runs the experiment's quick
-#                           profile on them), a venv with the package and pytest
+#                           profile on them), a venv with the package, pytest and Ray (the [ray] extra)
 #   scripts/setup.sh demo   the same data packages and venv
 # Safe to re-run: apt and pip skip what is already there.
 set -euo pipefail
@@ -45,6 +45,7 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 # torch first, pinned: pip takes these two from local files on the project's machines.
 .venv/bin/pip install -q torch==2.14.1 torchvision==0.29.1
-.venv/bin/pip install -q -e ".[test]"
+if [ "$profile" = test ]; then extras="test,ray"; else extras="test"; fi
+.venv/bin/pip install -q -e ".[$extras]"
 device=$(.venv/bin/python -c 'import torch, curate; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")')
 echo "ready: .venv ($device)"

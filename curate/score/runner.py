@@ -2,9 +2,15 @@
 
 The steps, in order: open the pool and the teacher -> plan shards and open
 (or resume) the output -> score the noise reference (or reuse the stored one)
--> stream the remaining shards: decode in DataLoader workers, forward with
-hooks on the main thread, convert and write Parquet on a writer thread ->
-gather errors and summarise.
+-> an executor turns the remaining shards into scored record batches, in pool
+order -> a writer thread encodes them into Parquet shards -> gather errors
+and summarise.
+
+Executors: ``local`` decodes in DataLoader workers and runs the teacher on
+this process's device; ``ray`` runs the teacher in a Ray actor pool
+(curate/score/ray_executor.py). Both form the same batches (never crossing a
+shard boundary, ``batch_size`` positions each) and score them with the same
+``BatchScorer``, so their rows are identical and either can resume the other.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +62,12 @@ class ScoreConfig:
     channels_last: bool = True
     reference_count: int = 2048
     seed: int = 0
+    executor: str = "local"  # local | ray: where the teacher runs; not part of the output's identity
+    address: str | None = None  # ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray)
+    num_actors: int | None = None  # ray: teachers running at once (default: one per GPU, else one per CPU)
+
+
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -108,6 +120,33 @@ class ShardBatches:
 
     def __len__(self) -> int:
         return sum(-(-(s.stop - s.start) // self.batch_size) for s in self.shards)
+
+
+class BatchScorer:
+    """A decoded pool batch -> its rows in the scored schema (None when no sample of it was readable)."""
+
+    def __init__(self, forward: ForwardPass, reference: Reference, schema: pa.Schema) -> None:
+        self.forward = forward
+        self.reference = reference
+        self.schema = schema
+
+    def __call__(self, batch: PoolBatch) -> pa.RecordBatch | None:
+        if not len(batch.indices):
+            return None
+        scores = self.forward(batch.images)
+        z = self.reference.standardize(scores.indicators)
+        return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
+                            self.reference.relatedness(z))
+
+
+@dataclass
+class ScoredBatch:
+    """What an executor hands the writer: the rows of one batch of ``shard`` and its unreadable samples."""
+
+    shard: int
+    rows: pa.RecordBatch | None
+    errors: list[tuple[str, str]]  # (uid, reason)
+    samples: int  # pool positions covered, readable or not
 
 
 def score_samples(teacher: Teacher, pool, indices=None) -> tuple[PoolBatch, BatchScores | None]:
@@ -211,6 +250,12 @@ class ShardWriterThread:
 
 def score_pool(cfg: ScoreConfig) -> ScoreSummary:
     started = time.perf_counter()
+    if cfg.executor not in EXECUTORS:
+        raise UserError(f"unknown --executor {cfg.executor!r}: choose one of {', '.join(EXECUTORS)}")
+    if cfg.executor == "ray":  # before any work: a missing Ray or an unreachable cluster fails in seconds
+        from curate.score.ray_executor import connect
+
+        connect(cfg.address)
     device = pick_device(cfg.device)
     teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device)
     pool = open_pool(cfg.pool, cfg.root, cfg.pool_options)
@@ -232,8 +277,7 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
     done = output.complete_shards()
     todo = [s for s in shards if s.index not in done]
 
-    autocast = device.type == "cuda" if cfg.autocast is None else cfg.autocast
-    forward = ForwardPass(teacher, device, autocast, cfg.channels_last)
+    forward = ForwardPass(teacher, device, _autocast(cfg, device), cfg.channels_last)
     if output.manifest["reference"] is None:
         reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
         output.manifest["reference"] = reference.to_json()
@@ -253,12 +297,21 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
         output.manifest["columns"] = schema.names
         output.save()
 
-    written = 0
     if todo:
-        written = _score_shards(cfg, pool, teacher, forward, reference, schema, output, todo)
+        if cfg.executor == "ray":
+            from curate.score.ray_executor import ray_scored_batches
+
+            batches = ray_scored_batches(cfg, todo, teacher.fingerprint, reference, schema)
+        else:
+            batches = local_scored_batches(cfg, pool, teacher, BatchScorer(forward, reference, schema), todo)
+        write_scored(output, schema, todo, batches)
     errors = output.finish()
-    return ScoreSummary(cfg.out, output.manifest["rows"], errors.num_rows, written, len(shards) - len(todo),
+    return ScoreSummary(cfg.out, output.manifest["rows"], errors.num_rows, len(todo), len(shards) - len(todo),
                         time.perf_counter() - started, _per_source(output))
+
+
+def _autocast(cfg: ScoreConfig, device: torch.device) -> bool:
+    return device.type == "cuda" if cfg.autocast is None else cfg.autocast
 
 
 def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
@@ -266,8 +319,9 @@ def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
     return None if scores.embedding is None else int(scores.embedding.shape[1])
 
 
-def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass, reference: Reference,
-                  schema: pa.Schema, output: ScoredOutput, todo: list[Shard]) -> int:
+def local_scored_batches(cfg: ScoreConfig, pool, teacher: Teacher, scorer: BatchScorer,
+                         todo: list[Shard]) -> Iterator[ScoredBatch]:
+    """The local executor: DataLoader workers decode, this process runs the teacher."""
     plan = ShardBatches(todo, cfg.batch_size)
     workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
     loader = DataLoader(
@@ -276,8 +330,16 @@ def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass
         num_workers=workers,
         collate_fn=collate_samples,
         prefetch_factor=4 if workers > 0 else None,
-        pin_memory=forward.device.type == "cuda",
+        pin_memory=scorer.forward.device.type == "cuda",
     )
+    for positions, batch in zip(plan, loader):
+        yield ScoredBatch(positions[0] // cfg.shard_rows, scorer(batch),
+                          [(uid, reason) for _, uid, reason in batch.errors], len(positions))
+
+
+def write_scored(output: ScoredOutput, schema: pa.Schema, todo: list[Shard], batches: Iterable[ScoredBatch]) -> None:
+    """Stream scored batches, in pool order, into the shards of ``todo``; a shard is committed when the
+    batches move past it, so an interrupted run keeps every shard it finished."""
     shard_of = {s.index: s for s in todo}
     writer = ShardWriterThread(output, schema)
     current: int | None = None
@@ -290,28 +352,23 @@ def _score_shards(cfg: ScoreConfig, pool, teacher: Teacher, forward: ForwardPass
     try:
         with Progress(*columns) as progress:
             task = progress.add_task("score", total=total, rate="")
-            for positions, batch in zip(plan, loader):
-                shard_index = positions[0] // cfg.shard_rows
-                if shard_index != current:
+            for batch in batches:
+                if batch.shard != current:
                     if current is not None:
                         writer.commit(errors)
                         errors = []
-                    writer.open(shard_of[shard_index])
-                    current = shard_index
-                errors.extend((uid, reason) for _, uid, reason in batch.errors)
-                if len(batch.indices):
-                    scores = forward(batch.images)
-                    z = reference.standardize(scores.indicators)
-                    writer.write(record_batch(schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
-                                              reference.relatedness(z)))
-                seen += len(batch.indices) + len(batch.errors)
+                    writer.open(shard_of[batch.shard])
+                    current = batch.shard
+                errors.extend(batch.errors)
+                if batch.rows is not None:
+                    writer.write(batch.rows)
+                seen += batch.samples
                 rate = seen / max(time.perf_counter() - start, 1e-9)
-                progress.update(task, advance=len(batch.indices) + len(batch.errors), rate=f"{rate:,.0f} img/s")
+                progress.update(task, advance=batch.samples, rate=f"{rate:,.0f} img/s")
             if current is not None:
                 writer.commit(errors)
     finally:
         writer.close()
-    return len(todo)
 
 
 def _per_source(output: ScoredOutput) -> dict[str, dict[str, float]]:
