@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -95,6 +96,8 @@ def distill(
     log_every: Annotated[int, typer.Option(min=1, help="write metrics every N steps")] = 50,
     ckpt_every: Annotated[int, typer.Option(min=1, help="checkpoint every N steps")] = 500,
     keep: Annotated[int, typer.Option(min=1, help="checkpoints kept")] = 3,
+    record_rows: Annotated[bool, typer.Option(help="write (step, epoch, row) of every sample trained on to "
+                                                   "rows-rank*.i64 in --out (an audit of the data order)")] = False,
     lanes: Annotated[int, typer.Option(min=1, help="reading streams per rank (part of the data order; "
                                                    "match --workers for locality)")] = 2,
     workers: Annotated[int | None, typer.Option(min=0, help="processes reading shards; speed only "
@@ -107,7 +110,11 @@ def distill(
     """Distil a student from curated shards, streaming; resumable exactly with --resume.
 
     Example: train distill --shards selected/ --student resnet8 --width 0.5 --steps 3000 --eval fashion-mnist:test
+    On N processes (GPUs, or CPU with gloo): torchrun --nproc_per_node N -m train distill ... (--batch-size is
+    the global batch; add torchrun's --nnodes/--rdzv-endpoint for several machines).
     """
+    import torch.distributed as dist
+
     from train.distill import DistillConfig, distill as run_distill
 
     cfg = DistillConfig(shards=shards, out=out, student=student, width=width, teacher=teacher, loss=loss,
@@ -115,9 +122,16 @@ def distill(
                         weighting=weighting, steps=steps, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                         lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps, crop_padding=crop_padding,
                         flip=flip, mixup=mixup, eval_dataset=eval_dataset, eval_root=eval_root, eval_every=eval_every,
-                        eval_limit=eval_limit, log_every=log_every, ckpt_every=ckpt_every, keep=keep, lanes=lanes,
-                        workers=workers, device=device, compile=compile, seed=seed)
-    result = run_distill(cfg, resume=resume)
+                        eval_limit=eval_limit, log_every=log_every, ckpt_every=ckpt_every, keep=keep,
+                        record_rows=record_rows, lanes=lanes, workers=workers, device=device, compile=compile,
+                        seed=seed)
+    try:
+        result = run_distill(cfg, resume=resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) > 0:  # the summary once, from rank 0
+        return
     last = result["history"][-1] if result["history"] else {}
     summary = f"{result['steps']} steps; saved {result['student']}"
     if "eval_accuracy" in last:
