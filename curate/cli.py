@@ -61,7 +61,7 @@ def score(
     channels_last: Annotated[bool, typer.Option(help="channels-last memory format for convolutions")] = True,
     reference_count: Annotated[int, typer.Option(min=64, help="noise images that standardise the indicators")] = 2048,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray actor pool; pip install "
-                                          "'hetero-distill[ray]')")] = "local",
+                                          "'hetero-distill\\[ray]')")] = "local",
     address: Annotated[str | None, typer.Option(help="ray: the cluster to join, HOST:PORT or auto (default: "
                                                 "$RAY_ADDRESS, else a local Ray on this machine)")] = None,
     num_actors: Annotated[int | None, typer.Option(min=1, help="ray: teachers running at once "

@@ -15,43 +15,30 @@ import numpy as np
 
 if TYPE_CHECKING:
     from pipelines.hetero_distill import Experiment, Run
+    from train.evaluate import Evaluator
 
 STEPS_TO_FRACTION = 0.9  # steps_to_90: the first evaluation reaching 90% of `original`'s final accuracy
 
 
-class TestSet:
-    """The test split, loaded once, and the teacher's predictions on it."""
+def test_set(experiment: Experiment) -> Evaluator:
+    """The test split, loaded once, with the teacher's predictions on it."""
+    from curate.device import pick_device
+    from curate.teachers import load_teacher
+    from pipelines.hetero_distill import TEST_SET
+    from train.evaluate import Evaluator
 
-    def __init__(self, experiment: Experiment) -> None:
-        from curate.device import pick_device
-        from curate.pools import open_pool
-        from curate.teachers import load_teacher
-        from pipelines.hetero_distill import TEST_SET
-        from train.data import make_loader
-        from train.evaluate import predictions
-
-        self.device = pick_device("auto")
-        teacher = load_teacher(experiment.teacher, device=self.device)
-        pool = open_pool(TEST_SET, experiment.root)
-        self.loader = make_loader(pool, teacher.spec, 1000, shuffle=False, seed=0, workers=0)
-        self.teacher_preds, self.labels = predictions(teacher, self.loader, teacher.spec.normalize(), self.device)
-        self.teacher_accuracy = float((self.teacher_preds == self.labels).float().mean())
-
-    def evaluate(self, student_file: Path) -> dict[str, float]:
-        from curate.teachers import load_teacher
-        from train.evaluate import predictions
-
-        student = load_teacher(student_file, device=self.device)
-        preds, _ = predictions(student, self.loader, student.spec.normalize(), self.device)
-        return {"accuracy": float((preds == self.labels).float().mean()),
-                "agreement": float((preds == self.teacher_preds).float().mean())}
+    device = pick_device("auto")
+    teacher = load_teacher(experiment.teacher, device=device)
+    return Evaluator(TEST_SET, experiment.root, teacher.spec, teacher.num_classes, teacher, device, batch_size=1000)
 
 
-def final_eval(run: Run, test: TestSet) -> dict[str, float]:
+def final_eval(run: Run, test: Evaluator) -> dict[str, float]:
+    from curate.teachers import load_teacher
+
     cached = run.folder / "final_eval.json"
     if cached.exists() and cached.stat().st_mtime >= (run.folder / "student.pt").stat().st_mtime:
         return json.loads(cached.read_text())
-    result = test.evaluate(run.folder / "student.pt")
+    result = test(load_teacher(run.folder / "student.pt", device=test.device).model)
     cached.write_text(json.dumps(result))
     return result
 
@@ -61,7 +48,7 @@ def curve(run: Run) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_accuracy"]) for r in map(json.loads, lines) if "eval_accuracy" in r]
 
 
-def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
+def summarize(runs: list[Run], test: Evaluator) -> dict[str, Any]:
     """Mean and spread over seeds of one arm on one pool, with the mean curve."""
     finals = [final_eval(r, test) for r in runs]
     curves = [curve(r) for r in runs]
@@ -172,7 +159,7 @@ def write_experiment_report(experiment: Experiment) -> Path:
     from pipelines.hetero_distill import ARMS, POOLS
 
     out = experiment.out
-    test = TestSet(experiment)
+    test = test_set(experiment)
     runs = experiment.distill_runs()
     arm_runs = [r for r in runs if r.label in ARMS]
     results: dict[str, Any] = {"profile": experiment.profile.name, "teacher_accuracy": test.teacher_accuracy,

@@ -40,12 +40,10 @@ from curate.atomic import write_atomically
 from curate.device import pick_device
 from curate.errors import UserError
 from curate.models import MODELS, build_model, channels_last_is_safe
-from curate.pools import open_pool
 from curate.spec import InputSpec
 from curate.teachers import Teacher, load_teacher, save_teacher
 from train.augment import random_crop_flip
-from train.data import make_loader
-from train.evaluate import predictions
+from train.evaluate import Evaluator
 from train.losses import LOSSES, DistillLoss, LossTerms
 from train.shards import CuratedShards, EpochPlan, ReaderState, ShardBatches
 from train.teacher import cosine_with_warmup
@@ -215,33 +213,6 @@ class DistillStep(torch.nn.Module):
         return self.loss_fn(logits.float(), targets, weights, features, teacher_embedding), logits
 
 
-class Evaluator:
-    """Accuracy on a labeled pool and agreement with the teacher's predictions there."""
-
-    def __init__(self, cfg: DistillConfig, spec: InputSpec, num_classes: int, teacher: Teacher | None,
-                 device: torch.device) -> None:
-        pool = open_pool(cfg.eval_dataset, cfg.eval_root)
-        if pool.class_names and len(pool.class_names) != num_classes:
-            raise UserError(f"--eval {cfg.eval_dataset} has {len(pool.class_names)} classes, the teacher {num_classes}: "
-                            "evaluate on the teacher's task")
-        indices = None
-        if cfg.eval_limit is not None and cfg.eval_limit < len(pool):
-            indices = np.sort(np.random.default_rng(0).choice(len(pool), cfg.eval_limit, replace=False))
-        self.loader = make_loader(pool, spec, 512, shuffle=False, seed=0, workers=0, indices=indices)
-        self.normalize = spec.normalize()
-        self.device = device
-        self.teacher_preds = None
-        if teacher is not None:
-            self.teacher_preds, _ = predictions(teacher.model, self.loader, teacher.spec.normalize(), device)
-
-    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
-        preds, labels = predictions(model, self.loader, self.normalize, self.device)
-        result = {"accuracy": float((preds == labels).float().mean())}
-        if self.teacher_preds is not None:
-            result["agreement"] = float((preds == self.teacher_preds).float().mean())
-        return result
-
-
 # -- checkpoints -----------------------------------------------------------------------------------------------
 
 
@@ -388,7 +359,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     use_amp = cfg.amp and device.type == "cuda"
     amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)  # bf16 needs none
-    evaluator = Evaluator(cfg, spec, shards.num_classes, teacher, device) if cfg.eval_dataset and ranks.main else None
+    evaluator = None
+    if cfg.eval_dataset and ranks.main:
+        evaluator = Evaluator(cfg.eval_dataset, cfg.eval_root, spec, shards.num_classes, teacher, device,
+                              cfg.eval_limit)
 
     reader, step, history = ReaderState(), 0, []
     if resume:

@@ -1,17 +1,19 @@
-"""Accuracy of a classifier on a labeled pool."""
+"""Accuracy of a classifier on a labeled pool, and its agreement with a teacher there."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from curate.device import pick_device
 from curate.errors import UserError
 from curate.pools import open_pool
-from curate.teachers import load_teacher, read_meta_file
+from curate.spec import InputSpec
+from curate.teachers import Teacher, load_teacher, read_meta_file
 from train.data import labeled_batches, make_loader
 
 
@@ -37,6 +39,36 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
     """Top-1 accuracy (a fraction) over every batch of ``loader``."""
     preds, labels = predictions(model, loader, normalize, device)
     return float((preds == labels).float().mean()) if len(labels) else 0.0
+
+
+class Evaluator:
+    """A labeled pool (or a seeded subset of ``limit`` samples), loaded once with the teacher's predictions
+    on it; calling it on a model gives accuracy and, with a teacher, agreement with it."""
+
+    def __init__(self, dataset: str, root: Path | None, spec: InputSpec, num_classes: int, teacher: Teacher | None,
+                 device: torch.device, limit: int | None = None, batch_size: int = 512) -> None:
+        pool = open_pool(dataset, root)
+        if pool.class_names and len(pool.class_names) != num_classes:
+            raise UserError(f"--eval {dataset} has {len(pool.class_names)} classes, the teacher {num_classes}: "
+                            "evaluate on the teacher's task")
+        indices = None
+        if limit is not None and limit < len(pool):
+            indices = np.sort(np.random.default_rng(0).choice(len(pool), limit, replace=False))
+        self.loader = make_loader(pool, spec, batch_size, shuffle=False, seed=0, workers=0, indices=indices)
+        self.normalize = spec.normalize()
+        self.device = device
+        self.teacher_preds: torch.Tensor | None = None
+        self.teacher_accuracy: float | None = None
+        if teacher is not None:
+            self.teacher_preds, labels = predictions(teacher.model, self.loader, teacher.spec.normalize(), device)
+            self.teacher_accuracy = float((self.teacher_preds == labels).float().mean())
+
+    def __call__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        preds, labels = predictions(model, self.loader, self.normalize, self.device)
+        result = {"accuracy": float((preds == labels).float().mean())}
+        if self.teacher_preds is not None:
+            result["agreement"] = float((preds == self.teacher_preds).float().mean())
+        return result
 
 
 def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path | None, trust_pickle: bool,

@@ -53,6 +53,10 @@ class MixSource:
         return position if self.indices is None else int(self.indices[position])
 
 
+def _scaled(count: int, scale: float) -> int:
+    return max(1, int(count * scale + 0.5))
+
+
 def _subset(entry: dict, pool: Pool, seed: int, takes_count: bool, scale: float) -> np.ndarray | None:
     start = int(entry.get("start", 0))
     stop = int(entry.get("stop", len(pool)))
@@ -60,7 +64,7 @@ def _subset(entry: dict, pool: Pool, seed: int, takes_count: bool, scale: float)
         raise UserError(f"source {entry['name']}: start/stop {start}..{stop} outside its {len(pool)} samples")
     count = None if takes_count else entry.get("count")  # a generating kind made exactly its count already
     if scale != 1.0:
-        count = max(1, int((stop - start if count is None else int(count)) * scale + 0.5))
+        count = _scaled(stop - start if count is None else int(count), scale)
     if count is None:
         return None if (start, stop) == (0, len(pool)) else np.arange(start, stop)
     if int(count) > stop - start:
@@ -118,15 +122,18 @@ class MixPool(Pool):
         takes_count = "count" in POOL_KINDS[kind].options
         if takes_count and "count" in entry:
             options["count"] = entry["count"]
-
         if "name" in POOL_KINDS[kind].options:
             options["name"] = entry["name"]
         root = entry.get("root")
         root_path = None if root is None else (Path(root) if Path(root).is_absolute() else base / root)
         try:
+            # A generating source makes fewer samples (its first ones: neighbours share a decoded photo);
+            # without a count in the spec, its default count is known once it is built.
+            if takes_count and scale != 1.0 and "count" in options:
+                options["count"] = _scaled(options["count"], scale)
             pool = make_pool(kind, root_path, options)
-            if takes_count and scale != 1.0:  # the first samples it makes: neighbours share a decoded photo
-                pool = make_pool(kind, root_path, {**options, "count": max(1, int(len(pool) * scale + 0.5))})
+            if takes_count and scale != 1.0 and "count" not in entry:
+                pool = make_pool(kind, root_path, {**options, "count": _scaled(len(pool), scale)})
         except UserError as err:
             raise UserError(f"source {entry['name']} of {self.spec_path}: {err}") from None
         pool.source = entry["name"]
