@@ -1,13 +1,16 @@
 """The experiment's results: `results.json`, `report.md` and its plots, from the finished runs.
 
 Each student is evaluated once on the whole test split (accuracy, and agreement with the teacher's
-predictions there) and the figures are cached next to it (`final_eval.json`), so writing the report again
-costs seconds. Curves come from the runs' own `metrics.jsonl` (evaluations on a seeded test subset).
+predictions there) and the figures are cached next to it (`final_eval.json`; the teacher's in
+`teacher_eval.json`), so writing the report again costs seconds. Curves come from the runs' own
+`metrics.jsonl` (evaluations on a seeded test subset).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,27 +23,45 @@ if TYPE_CHECKING:
 STEPS_TO_FRACTION = 0.9  # steps_to_90: the first evaluation reaching 90% of `original`'s final accuracy
 
 
-def test_set(experiment: Experiment) -> Evaluator:
-    """The test split, loaded once, with the teacher's predictions on it."""
-    from curate.device import pick_device
-    from curate.teachers import load_teacher
-    from pipelines.hetero_distill import TEST_SET
-    from train.evaluate import Evaluator
-
-    device = pick_device("auto")
-    teacher = load_teacher(experiment.teacher, device=device)
-    return Evaluator(TEST_SET, experiment.root, teacher.spec, teacher.num_classes, teacher, device, batch_size=1000)
+def cached_json(path: Path, source: Path, compute: Callable[[], Any]) -> Any:
+    """``compute()``, kept in ``path`` and reused while ``path`` is newer than ``source``."""
+    if path.exists() and path.stat().st_mtime >= source.stat().st_mtime:
+        return json.loads(path.read_text())
+    value = compute()
+    path.write_text(json.dumps(value))
+    return value
 
 
-def final_eval(run: Run, test: Evaluator) -> dict[str, float]:
-    from curate.teachers import load_teacher
+class TestSet:
+    """Figures on the whole test split, computed once per model file and cached next to it; the split and the
+    teacher's predictions are loaded only when a figure is missing, so rewriting the report costs seconds."""
 
-    cached = run.folder / "final_eval.json"
-    if cached.exists() and cached.stat().st_mtime >= (run.folder / "student.pt").stat().st_mtime:
-        return json.loads(cached.read_text())
-    result = test(load_teacher(run.folder / "student.pt", device=test.device).model)
-    cached.write_text(json.dumps(result))
-    return result
+    def __init__(self, experiment: Experiment) -> None:
+        self.experiment = experiment
+
+    @functools.cached_property
+    def evaluator(self) -> Evaluator:
+        from curate.device import pick_device
+        from curate.teachers import load_teacher
+        from pipelines.hetero_distill import TEST_SET
+        from train.evaluate import Evaluator
+
+        device = pick_device("auto")
+        teacher = load_teacher(self.experiment.teacher, device=device)
+        return Evaluator(TEST_SET, self.experiment.root, teacher.spec, teacher.num_classes, teacher, device,
+                         batch_size=1000)
+
+    def teacher_accuracy(self) -> float:
+        teacher = self.experiment.teacher
+        return cached_json(teacher.with_name("teacher_eval.json"), teacher,
+                           lambda: {"accuracy": self.evaluator.teacher_accuracy})["accuracy"]
+
+    def final(self, run: Run) -> dict[str, float]:
+        from curate.teachers import load_teacher
+
+        student = run.folder / "student.pt"
+        return cached_json(run.folder / "final_eval.json", student,
+                           lambda: self.evaluator(load_teacher(student, device=self.evaluator.device).model))
 
 
 def curve(run: Run) -> list[tuple[int, float]]:
@@ -48,9 +69,9 @@ def curve(run: Run) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_accuracy"]) for r in map(json.loads, lines) if "eval_accuracy" in r]
 
 
-def summarize(runs: list[Run], test: Evaluator) -> dict[str, Any]:
+def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
     """Mean and spread over seeds of one arm on one pool, with the mean curve."""
-    finals = [final_eval(r, test) for r in runs]
+    finals = [test.final(r) for r in runs]
     curves = [curve(r) for r in runs]
     steps = [s for s, _ in curves[0]]
     mean_curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in steps]
@@ -159,10 +180,10 @@ def write_experiment_report(experiment: Experiment) -> Path:
     from pipelines.hetero_distill import ARMS, POOLS
 
     out = experiment.out
-    test = test_set(experiment)
+    test = TestSet(experiment)
     runs = experiment.distill_runs()
     arm_runs = [r for r in runs if r.label in ARMS]
-    results: dict[str, Any] = {"profile": experiment.profile.name, "teacher_accuracy": test.teacher_accuracy,
+    results: dict[str, Any] = {"profile": experiment.profile.name, "teacher_accuracy": test.teacher_accuracy(),
                                "arms": {}, "ablation": {}}
     for arm in ARMS:
         for pool in ["original"] if arm == "original" else list(POOLS):
@@ -174,7 +195,7 @@ def write_experiment_report(experiment: Experiment) -> Path:
             entry["steps_to_90"] = steps_to(entry["curve"], target)
     for run in runs:
         if run.label not in ARMS:
-            results["ablation"][run.label] = {**final_eval(run, test), "pool": run.pool, "seed": run.seed,
+            results["ablation"][run.label] = {**test.final(run), "pool": run.pool, "seed": run.seed,
                                               "options": run.options}
     results["selection"] = selection_quality(experiment)
     results["stage_seconds"] = {k: round(v, 1) for k, v in experiment.runner.timings.items()}
@@ -184,7 +205,9 @@ def write_experiment_report(experiment: Experiment) -> Path:
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     plot_curves(results, list(POOLS), out / "curves.png")
-    plot_sample_grid(experiment, out / "samples_by_source.png")
+    grid = out / "samples_by_source.png"
+    if not grid.exists() or grid.stat().st_mtime < (experiment.scored("pool") / "_manifest.json").stat().st_mtime:
+        plot_sample_grid(experiment, grid)  # decodes photos: drawn again only when the pool was scored again
     (out / "report.md").write_text(render_markdown(results, experiment))
     return out / "report.md"
 
