@@ -78,8 +78,12 @@ def connect(address: str | None):
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     except ConnectionError as err:
-        raise UserError(f"cannot connect to the Ray cluster at {address or 'RAY_ADDRESS'} ({err}): start it with "
-                        "`ray start --head` or fix --address") from None
+        # Ray >= 2.59 starts clusters with token authentication; a client without RAY_AUTH_MODE=token is
+        # refused, and the cause only reaches the log
+        raise UserError(f"cannot connect to the Ray cluster at {address or 'RAY_ADDRESS'} ({err}): check that it "
+                        "runs (`ray status` on its head) and, if it uses token authentication, set "
+                        "RAY_AUTH_MODE=token here (the token as `ray get-auth-token` prints it, in RAY_AUTH_TOKEN or "
+                        "~/.ray/auth_token)") from None
     return ray
 
 
