@@ -26,5 +26,5 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None = None, prog_name: str 
         app(args=list(argv) if argv is not None else None, prog_name=prog_name)
     except UserError as err:
         message = " ".join(str(err).split())
-        print(f"error: {message}", file=sys.stderr)
+        sys.stderr.write(f"error: {message}\n")  # one write: ranks of a torchrun job share the stream
         raise SystemExit(EXIT_USER_ERROR) from None
