@@ -228,8 +228,8 @@ def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> N
 
 def rng_states() -> dict[str, Any]:
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: touching every GPU would open a context on each
+        states["cuda"] = torch.cuda.get_rng_state()
     return states
 
 
@@ -238,7 +238,7 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state(states["cuda"])
 
 
 def load_latest_checkpoint(cfg: DistillConfig) -> dict[str, Any]:
@@ -389,13 +389,16 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                                  weighted=cfg.weighting == "sample")
     stream = ShardBatches(shards, plan_for, with_embedding=cfg.feature_weight > 0)
 
-    def checkpoint_state() -> dict[str, Any]:
+    def checkpoint() -> None:
+        """Every rank hands in its reader position; rank 0 writes the checkpoint."""
         # a reader that finished its epoch stands at the next one, so epoch boundaries are recognisable
         position = ReaderState(reader.epoch + 1, 0) if reader.batch == len(stream.plan(reader.epoch)) else reader
-        return {"model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
-                "readers": gather(position.to_dict(), ranks), "step": step, "history": history,
-                "config": cfg.resolved()}
+        readers = gather(position.to_dict(), ranks)
+        if ranks.main:
+            state = {"model": student.state_dict(), "loss": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_states(),
+                     "readers": readers, "step": step, "history": history, "config": cfg.resolved()}
+            save_checkpoint(cfg.out, step, state, cfg.keep)
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     recorder = RowRecorder(cfg.out, ranks.rank, step) if cfg.record_rows else None
@@ -461,9 +464,7 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                 pending, started, seen_since = [], time.perf_counter(), 0
             progress.update(task, completed=step)
             if step % cfg.ckpt_every == 0 or step == steps:
-                state = checkpoint_state()
-                if ranks.main:
-                    save_checkpoint(cfg.out, step, state, cfg.keep)
+                checkpoint()
     if recorder is not None:
         recorder.close()
     result = {"steps": steps, "history": history, "student": cfg.out / "student.pt"}
