@@ -23,9 +23,14 @@ if TYPE_CHECKING:
 STEPS_TO_FRACTION = 0.9  # steps_to_90: the first evaluation reaching 90% of `original`'s final accuracy
 
 
+def is_fresh(path: Path, source: Path) -> bool:
+    """``path`` exists and was written after ``source`` last changed."""
+    return path.exists() and path.stat().st_mtime >= source.stat().st_mtime
+
+
 def cached_json(path: Path, source: Path, compute: Callable[[], Any]) -> Any:
     """``compute()``, kept in ``path`` and reused while ``path`` is newer than ``source``."""
-    if path.exists() and path.stat().st_mtime >= source.stat().st_mtime:
+    if is_fresh(path, source):
         return json.loads(path.read_text())
     value = compute()
     path.write_text(json.dumps(value))
@@ -206,7 +211,7 @@ def write_experiment_report(experiment: Experiment) -> Path:
 
     plot_curves(results, list(POOLS), out / "curves.png")
     grid = out / "samples_by_source.png"
-    if not grid.exists() or grid.stat().st_mtime < (experiment.scored("pool") / "_manifest.json").stat().st_mtime:
+    if not is_fresh(grid, experiment.scored("pool") / "_manifest.json"):
         plot_sample_grid(experiment, grid)  # decodes photos: drawn again only when the pool was scored again
     (out / "report.md").write_text(render_markdown(results, experiment))
     return out / "report.md"

@@ -379,8 +379,8 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     step_module = DistillStep(student, loss_fn, cfg.compile)
     if ranks.world > 1:  # after loading: DDP starts every rank from rank 0's weights
         step_module = DistributedDataParallel(step_module, device_ids=[device] if device.type == "cuda" else None)
+    cfg.out.mkdir(parents=True, exist_ok=True)  # on every rank: each records its rows there
     if ranks.main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
         (cfg.out / "config.json").write_text(json.dumps(cfg.resolved(), indent=1))
 
     workers = reader_workers(cfg, device)
@@ -400,7 +400,6 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
                      "readers": readers, "step": step, "history": history, "config": cfg.resolved()}
             save_checkpoint(cfg.out, step, state, cfg.keep)
 
-    cfg.out.mkdir(parents=True, exist_ok=True)
     recorder = RowRecorder(cfg.out, ranks.rank, step) if cfg.record_rows else None
     metrics_file = open(cfg.out / "metrics.jsonl", "a") if ranks.main else None
     pending: list[torch.Tensor] = []

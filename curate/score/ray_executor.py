@@ -30,7 +30,7 @@ import pyarrow as pa
 from curate.errors import UserError
 from curate.score.output import Shard
 from curate.score.reference import Reference
-from curate.score.runner import BatchScorer, ForwardPass, ScoreConfig, ScoredBatch, ShardBatches, _autocast
+from curate.score.runner import BatchScorer, ForwardPass, ScoreConfig, ScoredBatch, ShardBatches, wants_autocast
 
 # Positions an actor scores per call: Ray Data costs ~20 ms a call, a GPU scores 256 images in ~10 ms.
 POSITIONS_PER_CALL = 1024
@@ -72,7 +72,6 @@ def connect(address: str | None):
     ray = import_ray()
     if ray.is_initialized():
         return ray
-        return
     if address is not None:
         check_reachable(address)
     try:
@@ -102,7 +101,7 @@ class BatchActor:
             raise UserError(f"{cfg.teacher} on a Ray worker is not the driver's teacher: put the same file at the "
                             "same path on every node")
         self.dataset = PoolDataset(open_pool(cfg.pool, cfg.root, cfg.pool_options), teacher.spec.geometry())
-        forward = ForwardPass(teacher, device, _autocast(cfg, device), cfg.channels_last)
+        forward = ForwardPass(teacher, device, wants_autocast(cfg, device), cfg.channels_last)
         self.scorer = BatchScorer(forward, Reference.from_json(reference), schema)
 
     def __call__(self, work: dict[str, np.ndarray]) -> dict[str, list[Any]]:

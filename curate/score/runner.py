@@ -277,7 +277,7 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
     done = output.complete_shards()
     todo = [s for s in shards if s.index not in done]
 
-    forward = ForwardPass(teacher, device, _autocast(cfg, device), cfg.channels_last)
+    forward = ForwardPass(teacher, device, wants_autocast(cfg, device), cfg.channels_last)
     if output.manifest["reference"] is None:
         reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
         output.manifest["reference"] = reference.to_json()
@@ -310,7 +310,7 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
                         time.perf_counter() - started, _per_source(output))
 
 
-def _autocast(cfg: ScoreConfig, device: torch.device) -> bool:
+def wants_autocast(cfg: ScoreConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.autocast is None else cfg.autocast
 
 
