@@ -96,7 +96,8 @@ def run_task(task: str, scored: Path, seed: int) -> None:
         rows = run_query(pool.connect(), EXAMPLES["per-source"][1]).to_arrow_table().num_rows
     elif task == "topk-per-class":
         rows = run_query(pool.connect(), """SELECT uid, pred, relatedness FROM scores
-            QUALIFY row_number() OVER (PARTITION BY pred ORDER BY relatedness DESC) <= 1000""").to_arrow_table().num_rows
+            QUALIFY row_number() OVER (PARTITION BY pred ORDER BY relatedness DESC) <= 1000
+            """).to_arrow_table().num_rows
     elif task == "index":
         rows = build_index(pool, "auto").rows
     elif task == "knn-10k":

@@ -32,7 +32,8 @@ from pathlib import Path
 from score_throughput import make_images, make_teacher
 from train_throughput import WARMUP_PARTS, write_shards
 
-from curate.score import ScoreConfig, score_pool
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
 
 BATCH = 256
 

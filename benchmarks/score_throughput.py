@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 from curate.models import build_model
-from curate.score import ScoreConfig, score_pool
-from curate.teachers import save_teacher
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
+from curate.teachers import save_model
 
 CASES = {  # name: (arch, channels, size)
     "resnet8 28x28x1": ("resnet8", 1, 28),
@@ -41,7 +42,7 @@ def make_teacher(folder: Path, arch: str, channels: int, size: int) -> Path:
     model = build_model(arch, 10, channels, size)
     meta = {"num_classes": 10, "in_channels": channels, "image_size": size, "mean": [0.5] * channels,
             "std": [0.25] * channels}
-    return save_teacher(model, meta, folder / f"{arch}.pt", "checkpoint", arch=arch)
+    return save_model(model, meta, folder / f"{arch}.pt", "checkpoint", arch=arch)
 
 
 def make_images(folder: Path, count: int, channels: int, size: int) -> Path:
@@ -89,7 +90,8 @@ def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: i
 def scoring_peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None) -> float:
     """Peak RSS of a fresh process running the scorer (children included: DataLoader workers)."""
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from pathlib import Path; "
-            "from memory import peak_rss_mib; from curate.score import ScoreConfig, score_pool; "
+            "from memory import peak_rss_mib; from curate.score.config import ScoreConfig; "
+            "from curate.score.runner import score_pool; "
             f"score_pool(ScoreConfig(teacher=Path({str(teacher)!r}), pool='npy', root=Path({str(images)!r}), "
             f"out=Path({str(out)!r}), batch_size={batch_size}, workers={workers})); "
             "print(peak_rss_mib(children=True) * 1024)")
@@ -121,7 +123,8 @@ def main() -> None:
             teacher = make_teacher(folder, arch, channels, size)
             images = make_images(folder, count_here, channels, size)
             baseline = bare_forward(teacher, images, args.batch_size)
-            scored = pipeline(teacher, images, folder / f"scored-{arch}", args.batch_size, args.workers, reference_count)
+            scored = pipeline(teacher, images, folder / f"scored-{arch}", args.batch_size, args.workers,
+                              reference_count)
             ratio = scored / baseline
             ratios.append(ratio)
             figures["cases"][name] = {"images": count_here, "bare_forward_img_s": round(baseline, 1),

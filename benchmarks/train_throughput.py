@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from curate.query.export import shard_schema
+from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
 from curate.spec import InputSpec
 
 CASES = {"28x28x1": (1, 28), "32x32x3": (3, 32)}
@@ -35,34 +35,25 @@ WARMUP_PARTS = 6  # both loops are timed after the first sixth of their steps (w
 
 
 def write_shards(folder: Path, rows: int, channels: int, size: int, shards: int) -> Path:
-    """Curated shards in the export format: random pixels, logits, weights; row groups of 1,024."""
+    """Curated shards in the export format (curate/selected.py): random pixels, logits, weights; row groups
+    of 1,024."""
     rng = np.random.default_rng(0)
     meta = {"num_classes": 10, "class_names": [str(i) for i in range(10)], "in_channels": channels,
             "image_size": size, "mean": [0.5] * channels, "std": [0.25] * channels}
-    shape = [channels, size, size]
-    schema = shard_schema(10, None, {"format": "curate.selected/1", "image_shape": shape, "num_classes": 10,
-                                     "teacher_fingerprint": "synthetic"})
+    manifest = manifest_for("synthetic", meta, InputSpec.from_meta(meta), meta["class_names"], 10)
+    schema = shard_schema(manifest, None)
     folder.mkdir(parents=True)
-    entries, per_shard = [], -(-rows // shards)
-    for index, start in enumerate(range(0, rows, per_shard)):
+    per_shard = -(-rows // shards)
+    writer = ShardWriter(folder, schema, shard_rows=per_shard, row_group_rows=1024)
+    for start in range(0, rows, per_shard):
         n = min(per_shard, rows - start)
-        pixels = rng.integers(0, 256, (n, channels * size * size), dtype=np.uint8)
         logits = rng.normal(size=(n, 10)).astype(np.float16)
-        table = pa.table({
-            "uid": [f"bench:{start + i}" for i in range(n)],
-            "source": pa.array(["bench"] * n).dictionary_encode(),
-            "pixels": pa.array([p.tobytes() for p in pixels], pa.binary()),
-            "logits": pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float16()), 10),
-            "weight": pa.array(np.ones(n, np.float32)),
-            "label": pa.array(np.full(n, -1, np.int32), mask=np.ones(n, bool)),
-        }).cast(schema)
-        name = f"shard-{index:05d}.parquet"
-        pq.write_table(table, folder / name, row_group_size=1024)
-        entries.append({"file": name, "rows": n})
-    manifest = {"format": "curate.selected/1", "teacher": {"fingerprint": "synthetic", "meta": meta},
-                "image_shape": shape, "input_spec": InputSpec.from_meta(meta).to_meta(), "class_names": meta["class_names"],
-                "num_classes": 10, "rows": rows, "shards": entries}
-    (folder / "_manifest.json").write_text(json.dumps(manifest))
+        writer.write(rows_table(
+            schema, [f"bench:{start + i}" for i in range(n)], pa.array(["bench"] * n),
+            rng.integers(0, 256, (n, channels * size * size), dtype=np.uint8),
+            pa.FixedSizeListArray.from_arrays(pa.array(logits.reshape(-1), pa.float16()), 10),
+            pa.array(np.ones(n, np.float32)), pa.array(np.full(n, -1, np.int32), mask=np.ones(n, bool))))
+    write_manifest(folder, {**manifest, "rows": rows, "shards": writer.close()})
     return folder
 
 
@@ -82,9 +73,9 @@ def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int
 def in_memory(shards: Path, steps: int, batch_size: int) -> float:
     """The same training step over tensors already in memory (no reader, no checkpoint, no files)."""
     from curate.models import build_model, channels_last_is_safe
+    from curate.selected import CuratedShards
     from train.augment import random_crop_flip
     from train.losses import DistillLoss
-    from train.shards import CuratedShards
     from train.teacher import cosine_with_warmup
 
     loaded = CuratedShards.open(shards)
@@ -117,7 +108,8 @@ def in_memory(shards: Path, steps: int, batch_size: int) -> float:
 def reader_only(shards: Path, batch_size: int, workers: int) -> float:
     from torch.utils.data import DataLoader
 
-    from train.shards import CuratedShards, EpochPlan, ShardBatches
+    from curate.selected import CuratedShards
+    from train.shards import EpochPlan, ShardBatches
 
     loaded = CuratedShards.open(shards)
     plan = EpochPlan(loaded, batch_size, 0, 0, lanes=2)  # train distill's default
@@ -130,7 +122,8 @@ def reader_only(shards: Path, batch_size: int, workers: int) -> float:
 
 def reader_rss(shards: Path, batch_size: int) -> float:
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "from memory import peak_rss_mib; from train.shards import CuratedShards, EpochPlan, ShardBatches; "
+            "from memory import peak_rss_mib; from curate.selected import CuratedShards; from train.shards import "
+            "EpochPlan, ShardBatches; "
             f"s = CuratedShards.open({str(shards)!r}); p = EpochPlan(s, {batch_size}, 0, 0); "
             "d = ShardBatches(s, lambda e: p); [d[0, k] for k in range(len(p))]; print(peak_rss_mib())")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -175,10 +168,12 @@ def main() -> None:
                 if w == workers[0]:
                     ratios.append(ratio)
                 case[f"workers_{w}"] = {"streaming_samples_s": round(streamed), "ratio": round(ratio, 3),
-                                        "reader_samples_s": round(reader), "reader_over_training": round(reader / streamed, 1),
+                                        "reader_samples_s": round(reader),
+                                        "reader_over_training": round(reader / streamed, 1),
                                         "distill_wall_s": round(wall, 1)}
                 print(f"  {w} workers: streaming {streamed:7.0f} samples/s  ratio {ratio:.3f}  reader alone "
-                      f"{reader:8.0f} samples/s ({reader / streamed:.1f}x)  whole distill call {wall:.1f} s", flush=True)
+                      f"{reader:8.0f} samples/s ({reader / streamed:.1f}x)  whole distill call {wall:.1f} s",
+                      flush=True)
         rss = {}
         for count in (10, 100):
             shards = write_shards(Path(tmp) / f"rss-{count}", count * 256, 1, 28, shards=count)

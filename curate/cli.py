@@ -10,7 +10,10 @@ from rich.console import Console
 from rich.table import Table
 
 from curate.errors import run_app
+from curate.options import config_from
 from curate.pools import POOL_KINDS, parse_options
+from curate.query.config import ExportConfig, SelectConfig
+from curate.score.config import ScoreConfig
 
 app = typer.Typer(
     help="Score huge unlabeled image pools with a teacher, query them, and export curated shards.",
@@ -46,25 +49,32 @@ def pools() -> None:
 def score(
     teacher: Annotated[Path, typer.Option(help="teacher file: checkpoint, TorchScript, .pt2, or pickled module")],
     pool: Annotated[str, typer.Option(help="KIND, KIND:SPLIT or a .toml mix spec (see `curate pools`)")],
-    out: Annotated[Path, typer.Option(help="output folder for the scored shards")] = Path("scored"),
+    out: Annotated[Path, typer.Option(help="output folder for the scored shards")] = ScoreConfig.out,
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
-    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="pool option NAME=VALUE (repeatable)")] = None,
-    teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding the teacher's input spec")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the file)")] = False,
-    batch_size: Annotated[int, typer.Option(min=1)] = 256,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes decoding the pool "
-                                                "(default: 0 for array-backed pools, one per core for files/glyphs)")] = None,
-    shard_rows: Annotated[int, typer.Option(min=1, help="pool positions per Parquet shard (the unit of resume)")] = 65536,
-    limit: Annotated[int | None, typer.Option(min=1, help="score only the first N samples of the pool")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="pool option NAME=VALUE "
+                                                                            "(repeatable)")] = None,
+    teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding the teacher's input "
+                                                           "spec")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the "
+                                                    "file)")] = False,
+    batch_size: Annotated[int, typer.Option(help="images per teacher call")] = ScoreConfig.batch_size,
+    workers: Annotated[int | None, typer.Option(help="DataLoader processes decoding the pool "
+                                                "(default: 0 for array-backed pools, one per core for "
+                                                "files/glyphs)")] = None,
+    shard_rows: Annotated[int, typer.Option(help="pool positions per Parquet shard (the unit of "
+                                                 "resume)")] = ScoreConfig.shard_rows,
+    limit: Annotated[int | None, typer.Option(help="score only the first N samples of the pool")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = ScoreConfig.device,
     autocast: Annotated[bool | None, typer.Option(help="bf16/fp16 autocast (default: on for CUDA, off on CPU)")] = None,
-    channels_last: Annotated[bool, typer.Option(help="channels-last memory format for convolutions")] = True,
-    reference_count: Annotated[int, typer.Option(min=64, help="noise images that standardise the indicators")] = 2048,
+    channels_last: Annotated[bool, typer.Option(help="channels-last memory format for "
+                                                     "convolutions")] = ScoreConfig.channels_last,
+    reference_count: Annotated[int, typer.Option(help="noise images that standardise the indicators (>= "
+                                                      "64)")] = ScoreConfig.reference_count,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray actor pool; pip install "
-                                          "'hetero-distill\\[ray]')")] = "local",
+                                          "'hetero-distill\\[ray]')")] = ScoreConfig.executor,
     address: Annotated[str | None, typer.Option(help="ray: the cluster to join, HOST:PORT or auto (default: "
                                                 "$RAY_ADDRESS, else a local Ray on this machine)")] = None,
-    num_actors: Annotated[int | None, typer.Option(min=1, help="ray: teachers running at once "
+    num_actors: Annotated[int | None, typer.Option(help="ray: teachers running at once "
                                                    "(default: one per GPU of the cluster, else one per CPU)")] = None,
 ) -> None:
     """Run the teacher once over a pool; write logits, embeddings and relatedness to Parquet shards.
@@ -74,13 +84,9 @@ def score(
     Example: curate score --teacher teacher.pt --pool data/pools/related-hidden.toml --out scored/
     On a Ray cluster: curate score ... --executor ray --address HEAD:6379
     """
-    from curate.score import ScoreConfig, score_pool
+    from curate.score.runner import score_pool
 
-    cfg = ScoreConfig(teacher=teacher, pool=pool, out=out, root=root, pool_options=parse_options(option or []),
-                      teacher_meta=teacher_meta, trust_pickle=trust_pickle, batch_size=batch_size, workers=workers,
-                      shard_rows=shard_rows, limit=limit, device=device, autocast=autocast,
-                      channels_last=channels_last, reference_count=reference_count, executor=executor,
-                      address=address, num_actors=num_actors)
+    cfg = config_from(ScoreConfig, locals(), pool_options=parse_options(option or []))
     summary = score_pool(cfg)
     table = Table(title=f"{summary.out}: {summary.rows:,} rows, {summary.errors:,} unreadable, "
                         f"{summary.shards_written} shards written, {summary.shards_skipped} already complete, "
@@ -122,9 +128,11 @@ def sql(
     scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
     example: Annotated[str | None, typer.Option(help="run a named example query instead (see --list-examples)")] = None,
     list_examples: Annotated[bool, typer.Option("--list-examples", help="print the example queries and exit")] = False,
-    out: Annotated[Path | None, typer.Option(help="write the whole result to .parquet, .csv or .json (JSON lines)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the whole result to .parquet, .csv or .json (JSON "
+                                                  "lines)")] = None,
     limit: Annotated[int, typer.Option(min=1, help="rows printed (not applied to --out)")] = 50,
-    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB (default: 80% of RAM)")] = None,
+    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB (default: 80% of "
+                                                          "RAM)")] = None,
 ) -> None:
     """Query a scored pool with DuckDB SQL (read-only).
 
@@ -183,23 +191,27 @@ def index(
 @app.command()
 def select(
     strategy: Annotated[str, typer.Option(help="uniform, topk, sample, balanced, diverse, knn or sql")],
-    budget: Annotated[int, typer.Option(min=1, help="number of samples to select")],
-    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
-    out: Annotated[Path, typer.Option(help="selection file to write (uid, weight, score columns)")] = Path("selection.parquet"),
-    where: Annotated[str | None, typer.Option(help="SQL filter on the scores first, e.g. \"source <> 'noise'\"")] = None,
-    by: Annotated[str, typer.Option(help="column or SQL expression ranking the rows (higher first)")] = "relatedness",
-    tau: Annotated[float, typer.Option(help="sample: temperature of softmax(by / tau)")] = 1.0,
-    epsilon: Annotated[float, typer.Option(help="sample: uniform share of the sampling probability")] = 0.1,
+    budget: Annotated[int, typer.Option(help="number of samples to select")],
+    scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = SelectConfig.scored,
+    out: Annotated[Path, typer.Option(help="selection file to write (uid, weight, score columns)")] = SelectConfig.out,
+    where: Annotated[str | None, typer.Option(help="SQL filter on the scores first, "
+                                               "e.g. \"source <> 'noise'\"")] = None,
+    by: Annotated[str, typer.Option(help="column or SQL expression ranking the rows (higher first)")] = SelectConfig.by,
+    tau: Annotated[float, typer.Option(help="sample: temperature of softmax(by / tau)")] = SelectConfig.tau,
+    epsilon: Annotated[float, typer.Option(help="sample: uniform share of the sampling "
+                                                "probability")] = SelectConfig.epsilon,
     weights: Annotated[str, typer.Option(help="uniform, importance (1/inclusion probability) or class "
-                                              "(equal total weight per predicted class)")] = "uniform",
+                                              "(equal total weight per predicted class)")] = SelectConfig.weights,
     dedup: Annotated[float | None, typer.Option(help="drop rows whose embedding cosine to a kept row exceeds this "
                                                      "(default 0.98 for diverse, off otherwise)")] = None,
-    clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default budget/32, at most 1024)")] = None,
+    clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default budget/32, at most "
+                                                      "1024)")] = None,
     seeds: Annotated[Path | None, typer.Option(help="knn: folder of seed images (default: class prototypes)")] = None,
     per_seed: Annotated[int | None, typer.Option(help="knn: neighbours per seed (default budget / seeds)")] = None,
     query: Annotated[str | None, typer.Option(help="sql: SELECT uid[, weight] FROM candidates ...")] = None,
-    teacher: Annotated[Path | None, typer.Option(help="knn --seeds: teacher to embed them (default: the scoring one)")] = None,
-    seed: Annotated[int, typer.Option(help="seed of every random choice")] = 0,
+    teacher: Annotated[Path | None, typer.Option(help="knn --seeds: teacher to embed them (default: the scoring "
+                                                      "one)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of every random choice")] = SelectConfig.seed,
     memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB")] = None,
 ) -> None:
     """Choose and weight the samples to distil on; write SELECTION (uid, weight, source, pred, relatedness, ...).
@@ -207,12 +219,9 @@ def select(
     Steps compose: --where filters, the strategy ranks, --dedup drops near-duplicates and refills.
     Example: curate select --scored scored/ --strategy balanced --budget 20000 --weights class --out sel.parquet
     """
-    from curate.query.select import SelectConfig, Selector
+    from curate.query.select import Selector
 
-    cfg = SelectConfig(scored=scored, strategy=strategy, budget=budget, out=out, where=where, by=by, tau=tau,
-                       epsilon=epsilon, weights=weights, dedup=dedup, clusters=clusters, seeds=seeds,
-                       neighbours_per_seed=per_seed, query=query, teacher=teacher, seed=seed,
-                       memory_limit=memory_limit)
+    cfg = config_from(SelectConfig, locals())
     console = Console()
     with console.status(f"selecting {budget:,} rows ({strategy})"):
         summary = Selector(cfg).run()
@@ -234,30 +243,28 @@ def select(
 @app.command()
 def export(
     selection: Annotated[Path, typer.Option(help="selection file (from curate select or any query with a uid column)")],
-    scored: Annotated[Path, typer.Option(help="scored pool folder the selection was made from")] = Path("scored"),
-    out: Annotated[Path, typer.Option(help="folder for the curated shards (must not exist or be empty)")] = Path("selected"),
+    scored: Annotated[Path, typer.Option(help="scored pool folder the selection was made from")] = ExportConfig.scored,
+    out: Annotated[Path, typer.Option(help="folder for the curated shards (must not exist or be "
+                                           "empty)")] = ExportConfig.out,
     root: Annotated[Path | None, typer.Option(help="data folder of the pool (default: the one used to score)")] = None,
-    shard_rows: Annotated[int, typer.Option(min=1, help="rows per shard (a multiple of --row-group-rows)")] = 4096,
-    row_group_rows: Annotated[int, typer.Option(min=1, help="rows per Parquet row group (the streaming unit)")] = 1024,
-    embedding: Annotated[bool, typer.Option(help="also store the teacher embedding (for feature distillation)")] = False,
-    seed: Annotated[int, typer.Option(help="seed of the shuffle across shards")] = 0,
-    workers: Annotated[int | None, typer.Option(min=0, help="DataLoader processes reading the pool")] = None,
-    verify: Annotated[int, typer.Option(min=0, help="rows re-scored by the teacher to check the pool is unchanged "
-                                                    "(0: skip)")] = 256,
+    shard_rows: Annotated[int, typer.Option(help="rows per shard (a multiple of "
+                                                 "--row-group-rows)")] = ExportConfig.shard_rows,
+    row_group_rows: Annotated[int, typer.Option(help="rows per Parquet row group (the streaming "
+                                                     "unit)")] = ExportConfig.row_group_rows,
+    embedding: Annotated[bool, typer.Option(help="also store the teacher embedding (for feature "
+                                                 "distillation)")] = ExportConfig.embedding,
+    seed: Annotated[int, typer.Option(help="seed of the shuffle across shards")] = ExportConfig.seed,
+    workers: Annotated[int | None, typer.Option(help="DataLoader processes reading the pool")] = None,
+    verify: Annotated[int, typer.Option(help="rows re-scored by the teacher to check the pool is unchanged "
+                                                    "(0: skip)")] = ExportConfig.verify,
 ) -> None:
     """Read the selected samples back from the pool and write self-contained, shuffled shards for `train distill`.
 
     Example: curate export --scored scored/ --selection sel.parquet --out selected/
     """
-    from curate.errors import UserError
-    from curate.query.export import ExportConfig, export_selection
+    from curate.query.export import export_selection
 
-    if shard_rows % row_group_rows:
-        raise UserError(f"--shard-rows {shard_rows} is not a multiple of --row-group-rows {row_group_rows}")
-    summary = export_selection(ExportConfig(scored=scored, selection=selection, out=out, root=root,
-                                            shard_rows=shard_rows, row_group_rows=row_group_rows,
-                                            embedding=embedding, seed=seed, workers=workers,
-                                            verify=verify))
+    summary = export_selection(config_from(ExportConfig, locals()))
     Console().print(f"wrote {summary.rows:,} samples in {summary.shards} shards to {summary.out} "
                     f"in {summary.seconds:.1f} s")
 

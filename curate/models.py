@@ -124,7 +124,8 @@ def small_resnet18(num_classes: int, in_channels: int, width: float = 1.0) -> Cl
 
 def small_mobilenetv2(num_classes: int, in_channels: int, width: float = 1.0) -> Classifier:
     """torchvision's MobileNetV2 with the CIFAR strides: stride-1 stem and first stride-2 stage, so 8x down."""
-    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2], [6, 320, 1, 1]]
+    setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
+               [6, 320, 1, 1]]
     net = MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting)
     first = net.features[0]
     stem_out = first[0].out_channels

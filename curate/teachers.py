@@ -65,9 +65,10 @@ def file_fingerprint(path: Path) -> str:
     return digest.hexdigest()
 
 
-def save_teacher(model: nn.Module, meta: dict[str, Any], path: Path | str, format: TeacherFormat = "checkpoint",
-                 arch: str | None = None, arch_options: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` with ``meta`` in one of the four teacher formats; ``arch`` is needed for checkpoints."""
+def save_model(model: nn.Module, meta: dict[str, Any], path: Path | str, format: TeacherFormat = "checkpoint",
+               arch: str | None = None, arch_options: dict[str, Any] | None = None) -> Path:
+    """Write a teacher or a student, ``model`` with ``meta``, in one of the four teacher formats (anything saved
+    so loads as a teacher); ``arch`` is needed for checkpoints."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -136,7 +137,7 @@ def _load_checkpoint(path: Path, trust_pickle: bool) -> tuple[nn.Module, dict, s
     if not isinstance(blob, dict) or not {"arch", "state_dict"} <= set(blob):
         raise UserError(
             f"{path} is neither a teacher checkpoint (dict with arch, state_dict, meta) nor a model: "
-            "save it with curate.teachers.save_teacher, torch.jit.save or torch.export.save"
+            "save it with curate.teachers.save_model, torch.jit.save or torch.export.save"
         )
     meta = dict(blob.get("meta") or {})
     if "num_classes" not in meta or "in_channels" not in meta:
@@ -199,7 +200,8 @@ def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: d
     return Teacher(model, meta, spec, file_fingerprint(path), path, fmt, class_names)
 
 
-def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path: Path, device: str | torch.device) -> None:
+def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path: Path,
+                      device: str | torch.device) -> None:
     """Run two blank inputs of the meta's shape: a teacher whose meta lies fails here, not mid-scoring."""
     shape = "x".join(map(str, spec.shape()))
     try:
@@ -233,4 +235,4 @@ def read_meta_file(path: Path | str | None) -> dict[str, Any]:
 
 
 __all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "load_teacher",
-           "read_meta_file", "save_teacher"]
+           "read_meta_file", "save_model"]

@@ -1,1 +1,1 @@
-"""End-to-end experiments built from curate and train (see hetero_distill once it lands)."""
+"""End-to-end experiments built from curate and train: pipelines.hetero_distill, its design, steps and report."""

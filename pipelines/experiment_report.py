@@ -12,13 +12,19 @@ import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipelines.hetero_distill import Experiment, Run
-    from train.evaluate import Evaluator
+from curate.device import pick_device
+from curate.pools import PoolDataset
+from curate.query.export import reopen_pool
+from curate.query.scored import ScoredPool, sql_string
+from curate.spec import InputSpec
+from curate.teachers import load_teacher
+from pipelines.design import ARMS, HIDDEN_SOURCE, POOLS, REPO, SIGNAL, TEST_SET, Design, Run
+from pipelines.steps import StepRunner
+from train.evaluate import Evaluator
 
 STEPS_TO_FRACTION = 0.9  # steps_to_90: the first evaluation reaching 90% of `original`'s final accuracy
 
@@ -41,29 +47,22 @@ class TestSet:
     """Figures on the whole test split, computed once per model file and cached next to it; the split and the
     teacher's predictions are loaded only when a figure is missing, so rewriting the report costs seconds."""
 
-    def __init__(self, experiment: Experiment) -> None:
-        self.experiment = experiment
+    def __init__(self, design: Design) -> None:
+        self.design = design
 
     @functools.cached_property
     def evaluator(self) -> Evaluator:
-        from curate.device import pick_device
-        from curate.teachers import load_teacher
-        from pipelines.hetero_distill import TEST_SET
-        from train.evaluate import Evaluator
-
         device = pick_device("auto")
-        teacher = load_teacher(self.experiment.teacher, device=device)
-        return Evaluator(TEST_SET, self.experiment.root, teacher.spec, teacher.num_classes, teacher, device,
+        teacher = load_teacher(self.design.teacher, device=device)
+        return Evaluator(TEST_SET, self.design.root, teacher.spec, teacher.num_classes, teacher, device,
                          batch_size=1000)
 
     def teacher_accuracy(self) -> float:
-        teacher = self.experiment.teacher
+        teacher = self.design.teacher
         return cached_json(teacher.with_name("teacher_eval.json"), teacher,
                            lambda: {"accuracy": self.evaluator.teacher_accuracy})["accuracy"]
 
     def final(self, run: Run) -> dict[str, float]:
-        from curate.teachers import load_teacher
-
         student = run.folder / "student.pt"
         return cached_json(run.folder / "final_eval.json", student,
                            lambda: self.evaluator(load_teacher(student, device=self.evaluator.device).model))
@@ -90,18 +89,15 @@ def steps_to(curve_points: list[list[float]], target: float) -> int | None:
     return next((int(step) for step, accuracy in curve_points if accuracy >= target), None)
 
 
-def selection_quality(experiment: Experiment) -> dict[str, dict[str, Any]]:
+def selection_quality(design: Design) -> dict[str, dict[str, Any]]:
     """Per pool and selection: rows, how much of it is the hidden Fashion-MNIST half (precision) and how much
     of that half it found (recall)."""
-    from curate.query.scored import ScoredPool, sql_string
-    from pipelines.hetero_distill import HIDDEN_SOURCE, POOLS
-
-    con = ScoredPool.open(experiment.scored("pool")).connect()
+    con = ScoredPool.open(design.scored("pool")).connect()
     hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = '{HIDDEN_SOURCE}'").fetchone()[0]
     quality: dict[str, dict[str, Any]] = {}
     for pool in POOLS:
         for arm in ("uniform", "related"):
-            path = sql_string(str(experiment.selection(arm, pool)))
+            path = sql_string(str(design.selection(arm, pool)))
             rows, found, classes = con.execute(f"""
                 SELECT count(*), count(*) FILTER (WHERE s.source = '{HIDDEN_SOURCE}'), count(DISTINCT s.pred)
                 FROM read_parquet({path}) sel JOIN scores s USING (uid)""").fetchone()
@@ -137,20 +133,15 @@ def plot_curves(results: dict[str, Any], pools: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sample_grid(experiment: Experiment, path: Path, per_source: int = 8) -> None:
+def plot_sample_grid(design: Design, path: Path, per_source: int = 8) -> None:
     """A row of pool images per source, as the teacher sees them, with their relatedness."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from curate.pools import PoolDataset
-    from curate.query.export import reopen_pool
-    from curate.query.scored import ScoredPool
-    from curate.spec import InputSpec
-
-    scored = ScoredPool.open(experiment.scored("pool"))
-    pool = reopen_pool(scored, experiment.root)
+    scored = ScoredPool.open(design.scored("pool"))
+    pool = reopen_pool(scored, design.root)
     geometry = InputSpec.from_meta(scored.teacher_meta).geometry()
     con = scored.connect()
     rng = np.random.default_rng(0)
@@ -158,9 +149,10 @@ def plot_sample_grid(experiment: Experiment, path: Path, per_source: int = 8) ->
     for source, start in zip(pool.sources, pool.starts):
         positions = np.sort(start + rng.choice(len(source), min(per_source, len(source)), replace=False))
         samples = [PoolDataset(pool, geometry)[int(i)] for i in positions]
-        uids = [sample[1] for sample in samples]
-        related = dict(con.execute("SELECT uid, relatedness FROM scores WHERE list_contains(?, uid)", [uids]).fetchall())
-        rows.append([(sample[4], related.get(sample[1])) for sample in samples if sample[4] is not None])
+        uids = [sample.uid for sample in samples]
+        related = dict(con.execute("SELECT uid, relatedness FROM scores WHERE list_contains(?, "
+                                   "uid)", [uids]).fetchall())
+        rows.append([(sample.image, related.get(sample.uid)) for sample in samples if sample.image is not None])
     fig, axes = plt.subplots(len(rows), per_source, figsize=(per_source * 0.9, len(rows) * 1.05))
     for ax in axes.flat:
         ax.set_xticks([])
@@ -181,14 +173,12 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def write_experiment_report(experiment: Experiment) -> Path:
-    from pipelines.hetero_distill import ARMS, POOLS
-
-    out = experiment.out
-    test = TestSet(experiment)
-    runs = experiment.distill_runs()
+def write_experiment_report(design: Design, runner: StepRunner) -> Path:
+    out = design.out
+    test = TestSet(design)
+    runs = design.distill_runs()
     arm_runs = [r for r in runs if r.label in ARMS]
-    results: dict[str, Any] = {"profile": experiment.profile.name, "teacher_accuracy": test.teacher_accuracy(),
+    results: dict[str, Any] = {"profile": design.profile.name, "teacher_accuracy": test.teacher_accuracy(),
                                "arms": {}, "ablation": {}}
     for arm in ARMS:
         for pool in ["original"] if arm == "original" else list(POOLS):
@@ -201,29 +191,26 @@ def write_experiment_report(experiment: Experiment) -> Path:
     for run in runs:
         if run.label not in ARMS:
             results["ablation"][run.label] = {**test.final(run), "pool": run.pool, "seed": run.seed,
-                                              "options": run.options}
-    results["selection"] = selection_quality(experiment)
-    results["stage_seconds"] = {k: round(v, 1) for k, v in experiment.runner.timings.items()}
-    from pipelines.hetero_distill import REPO
-
-    results["commands"] = [command.replace(f"{REPO}/", "") for command in experiment.runner.commands]  # from the repo
+                                              "options": run.recipe.options("teacher.pt")}
+    results["selection"] = selection_quality(design)
+    results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
+    results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     plot_curves(results, list(POOLS), out / "curves.png")
     grid = out / "samples_by_source.png"
-    if not is_fresh(grid, experiment.scored("pool") / "_manifest.json"):
-        plot_sample_grid(experiment, grid)  # decodes photos: drawn again only when the pool was scored again
-    (out / "report.md").write_text(render_markdown(results, experiment))
+    if not is_fresh(grid, design.scored("pool") / "_manifest.json"):
+        plot_sample_grid(design, grid)  # decodes photos: drawn again only when the pool was scored again
+    (out / "report.md").write_text(render_markdown(results, design))
     return out / "report.md"
 
 
-def render_markdown(results: dict[str, Any], experiment: Experiment) -> str:
-    from pipelines.hetero_distill import ARMS, POOLS, SIGNAL
-
-    p = experiment.profile
+def render_markdown(results: dict[str, Any], design: Design) -> str:
+    p = design.profile
+    teacher_data = f"{p.teacher_limit:,} images of the first half" if p.teacher_limit else "the first half"
     original = results["arms"]["original"]["original"]
     lines = [f"# Distilling a Fashion-MNIST teacher from heterogeneous pools (profile `{p.name}`)", "",
-             f"Teacher: resnet8 on {'the first half' if not p.teacher_limit else f'{p.teacher_limit:,} images of the first half'} "
+             f"Teacher: resnet8 on {teacher_data} "
              f"of Fashion-MNIST train, **{_pct(results['teacher_accuracy'])}** test accuracy. Student: resnet8 at "
              f"width {p.student_width}, {p.steps:,} steps of {p.batch_size}, for every arm. Test: Fashion-MNIST's "
              f"10,000 test images (curves: a seeded {p.eval_limit:,}-image subset). Seeds {list(p.seeds)}: mean ± "
@@ -237,7 +224,7 @@ def render_markdown(results: dict[str, Any], experiment: Experiment) -> str:
                          f"{entry['steps_to_90'] if entry['steps_to_90'] is not None else 'never'} |")
     lines += ["", f"`steps to 90% of original`: first evaluated step whose accuracy reaches "
               f"{_pct(STEPS_TO_FRACTION * original['accuracy'])}.", "", "![accuracy vs steps](curves.png)", ""]
-    signal = " ".join(SIGNAL).replace("{teacher}", "teacher.pt")
+    signal = " ".join(SIGNAL.options("teacher.pt"))
     lines += ["`related`: balanced over the teacher's predicted classes, each class's quota filled by relatedness, "
               "class weights as sampling probabilities, KD (T=4) on stored logits. `related+signal`: the same "
               f"shards with `{signal}`.", ""]
@@ -248,7 +235,7 @@ def render_markdown(results: dict[str, Any], experiment: Experiment) -> str:
                   "| ingredient | options | test accuracy | vs related | agreement |", "|---|---|---:|---:|---:|"]
         for name, entry in results["ablation"].items():
             delta = "" if base is None else f"{100 * (entry['accuracy'] - base):+.1f}"
-            options = " ".join(entry["options"]).replace("{teacher}", "teacher.pt") or "(none)"
+            options = " ".join(entry["options"]) or "(none)"
             lines.append(f"| {name} | `{options}` | {_pct(entry['accuracy'])} | {delta} | {_pct(entry['agreement'])} |")
         lines.append("")
     lines += ["## Selections", "",
@@ -258,7 +245,8 @@ def render_markdown(results: dict[str, Any], experiment: Experiment) -> str:
               "|---|---|---:|---:|---:|---:|---:|"]
     for pool, arms in results["selection"].items():
         for arm, q in arms.items():
-            lines.append(f"| {pool} | {arm} | {q['rows']:,} | {q['predicted_classes']} | {q['hidden_fashion_rows']:,} | "
+            lines.append(f"| {pool} | {arm} | {q['rows']:,} | {q['predicted_classes']} | "
+                         f"{q['hidden_fashion_rows']:,} | "
                          f"{_pct(q['precision'])} | {_pct(q['recall'])} |")
     lines += ["", "Composition of the `related` selections per source and per predicted class: "
               + ", ".join(f"[{pool}](selection-report/{pool}/report.md)" for pool in POOLS) + ".", "",

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from curate.pools import open_pool
-from curate.score import ScoreConfig, score_pool
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
 from tests import formats
 from train.teacher import TeacherConfig, train_teacher
 

@@ -41,7 +41,8 @@ def write_pickle(path: Path, obj: dict) -> None:
         pickle.dump(obj, f)
 
 
-def write_cifar10(root: Path, batches: list[tuple[np.ndarray, np.ndarray]], test: tuple[np.ndarray, np.ndarray]) -> None:
+def write_cifar10(root: Path, batches: list[tuple[np.ndarray, np.ndarray]],
+                  test: tuple[np.ndarray, np.ndarray]) -> None:
     """cifar-10-batches-py/data_batch_i and test_batch, keys as bytes like the original Python 2 pickles."""
     folder = root / "cifar-10-batches-py"
     for i, (images, labels) in enumerate(batches, 1):
@@ -59,7 +60,8 @@ def write_cifar100(root: Path, images: np.ndarray, fine: np.ndarray, names: list
 def write_imagenet32(root: Path, batches: list[tuple[np.ndarray, np.ndarray]]) -> None:
     """train_data_batch_1.. with ``data`` channel-planar and ``labels`` numbered 1..1000."""
     for i, (images, labels_zero_based) in enumerate(batches, 1):
-        write_pickle(root / f"train_data_batch_{i}", {"data": planar(images), "labels": (labels_zero_based + 1).tolist(),
+        write_pickle(root / f"train_data_batch_{i}", {"data": planar(images),
+                                                      "labels": (labels_zero_based + 1).tolist(),
                                                       "mean": np.zeros(3 * images.shape[1] ** 2)})
 
 

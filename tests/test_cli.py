@@ -13,7 +13,7 @@ import torch
 
 from curate.cli import main as curate_main
 from curate.models import build_model
-from curate.teachers import load_teacher, save_teacher
+from curate.teachers import load_teacher, save_model
 from tests import formats
 from train.cli import main as train_main
 
@@ -55,8 +55,8 @@ def test_train_teacher_end_to_end_then_eval(digits_idx: Path, tmp_path: Path, ca
     assert len(meta["history"]) == 4
     assert f"test accuracy {meta['test_accuracy']:.4f}" in stdout
     # `train eval` reproduces the stored test accuracy exactly.
-    code, stdout, _ = run(train_main, ["eval", "--model", str(out), "--dataset", "mnist:test", "--root", str(digits_idx)],
-                          capsys)
+    code, stdout, _ = run(train_main, ["eval", "--model", str(out), "--dataset", "mnist:test",
+                                       "--root", str(digits_idx)], capsys)
     assert code == 0
     assert f"accuracy {meta['test_accuracy']:.4f}" in stdout
 
@@ -83,8 +83,8 @@ def teacher_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     model = build_model("lenet5", 10, 1, 28)
     meta = {"num_classes": 10, "in_channels": 1, "image_size": 28, "mean": [0.5], "std": [0.5]}
     return {
-        "checkpoint": save_teacher(model, meta, folder / "ok.pt", "checkpoint", arch="lenet5"),
-        "pickle": save_teacher(model, meta, folder / "pickled.pt", "pickle"),
+        "checkpoint": save_model(model, meta, folder / "ok.pt", "checkpoint", arch="lenet5"),
+        "pickle": save_model(model, meta, folder / "pickled.pt", "pickle"),
     }
 
 
@@ -101,7 +101,8 @@ def _bad_inputs(tmp: Path, teachers: dict[str, Path], digits: Path) -> list[tupl
          "fewer samples than one batch"),
         (["eval", "--model", str(tmp / "nothing.pt"), "--dataset", "mnist:test", "--root", str(digits)], "not found"),
         (["eval", "--model", str(corrupt), "--dataset", "mnist:test", "--root", str(digits)], "not a readable teacher"),
-        (["eval", "--model", str(teachers["pickle"]), "--dataset", "mnist:test", "--root", str(digits)], "--trust-pickle"),
+        (["eval", "--model", str(teachers["pickle"]), "--dataset", "mnist:test", "--root", str(digits)],
+         "--trust-pickle"),
         (["eval", "--model", str(teachers["checkpoint"]), "--model-meta", str(wrong_meta), "--dataset", "mnist:test",
           "--root", str(digits)], "rejects 3x28x28"),
         (["eval", "--model", str(teachers["checkpoint"]), "--dataset", "digits"], None),
@@ -121,7 +122,7 @@ def test_bad_input_gives_one_line_and_exit_code_2(tmp_path: Path, teacher_files,
 
 def test_eval_refuses_a_dataset_with_another_class_count(tmp_path: Path, capsys) -> None:
     model = build_model("lenet5", 3, 1, 28)
-    path = save_teacher(model, {"num_classes": 3, "in_channels": 1, "image_size": 28, "mean": [0.5], "std": [0.5]},
+    path = save_model(model, {"num_classes": 3, "in_channels": 1, "image_size": 28, "mean": [0.5], "std": [0.5]},
                         tmp_path / "three.pt", "checkpoint", arch="lenet5")
     code, _, err = run(train_main, ["eval", "--model", str(path), "--dataset", "digits"], capsys)
     assert code == 2 and "predicts 3 classes" in err
@@ -130,7 +131,8 @@ def test_eval_refuses_a_dataset_with_another_class_count(tmp_path: Path, capsys)
 
 def test_curate_score_bad_input(tmp_path: Path, teacher_files, capsys) -> None:
     cases = [
-        (["score", "--teacher", str(tmp_path / "none.pt"), "--pool", "digits", "--out", str(tmp_path / "s")], "not found"),
+        (["score", "--teacher", str(tmp_path / "none.pt"), "--pool", "digits", "--out", str(tmp_path / "s")],
+         "not found"),
         (["score", "--teacher", str(teacher_files["pickle"]), "--pool", "digits", "--out", str(tmp_path / "s")],
          "--trust-pickle"),
         (["score", "--teacher", str(teacher_files["checkpoint"]), "--pool", "hubble", "--out", str(tmp_path / "s")],

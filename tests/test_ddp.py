@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.distill import read_recorded_rows
-from train.shards import CuratedShards, EpochPlan
+from curate.selected import CuratedShards
+from train.row_audit import read_recorded_rows
+from train.shards import EpochPlan
 
 pytestmark = pytest.mark.slow
 
@@ -82,7 +83,7 @@ def test_two_processes_train_the_same_samples_once_per_epoch(selected: Path, ste
     assert len(first_epoch) == rows and np.array_equal(np.sort(first_epoch), np.arange(rows))  # each row once
     seen_once = one[one[:, 1] == 0, 2]
     assert len(np.unique(seen_once)) == len(seen_once) >= rows - BATCH  # one process drops a partial batch
-    for name in ("student.pt", "metrics.jsonl", "curves.png", "ckpt-%08d.pt" % steps):
+    for name in ("student.pt", "metrics.jsonl", "curves.png", f"ckpt-{steps:08d}.pt"):
         assert (two_rank_run / name).exists(), name
     assert torch.load(two_rank_run / f"ckpt-{steps:08d}.pt", weights_only=False)["step"] == steps
 

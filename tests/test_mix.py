@@ -92,7 +92,8 @@ def test_mix_scale_keeps_a_seeded_fraction_of_every_source(mix_spec: Path, tmp_p
 
 def test_mix_shared_class_names(tmp_path: Path) -> None:
     spec = tmp_path / "digits.toml"
-    spec.write_text('[[source]]\nkind = "digits"\nstop = 100\n\n[[source]]\nkind = "mnist5k"\nname = "m5k"\ncount = 50\n')
+    spec.write_text('[[source]]\nkind = "digits"\nstop = 100\n\n'
+                    '[[source]]\nkind = "mnist5k"\nname = "m5k"\ncount = 50\n')
     pool = open_pool(str(spec))
     assert pool.class_names == [str(d) for d in range(10)]
     assert len(pool) == 150

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.hetero_distill import ARMS, POOLS, PROFILES
+from pipelines.design import ARMS, POOLS, PROFILES
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,8 @@ def test_folder_tree_recursive_with_a_corrupt_file(tmp_path: Path, rng) -> None:
     (tmp_path / "dogs" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (tmp_path / "notes.txt").write_text("not an image")
     pool = open_pool("folder", tmp_path, {"labels": True})
-    assert [pool.key(i) for i in range(len(pool))] == ["cats/a.png", "cats/deep/b.webp", "dogs/broken.png", "dogs/c.jpg"]
+    keys = [pool.key(i) for i in range(len(pool))]
+    assert keys == ["cats/a.png", "cats/deep/b.webp", "dogs/broken.png", "dogs/c.jpg"]
     assert pool.class_names == ["cats", "dogs"]
     first = pool.sample(0)
     assert first.image.shape == (3, 20, 20) and first.label == 0  # centre square of a 30x20 image

@@ -23,7 +23,8 @@ from curate.query.report import write_report
 from curate.query.scored import ScoredPool
 from curate.query.select import SelectConfig, Selector, water_fill
 from curate.query.sql import EXAMPLES, check_read_only, run_query
-from curate.score import ScoreConfig, score_pool
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
 from curate.spec import InputSpec
 
 
@@ -87,9 +88,11 @@ def test_sql_refuses_anything_but_one_query(scored: Path, statement: str) -> Non
 def test_sql_cli_writes_files_and_reports_bad_sql(scored: Path, tmp_path: Path, capsys) -> None:
     for suffix in (".parquet", ".csv", ".json"):
         out = tmp_path / f"result{suffix}"
-        code, stdout, err = run_cli(["sql", "--scored", str(scored), "--example", "per-class", "--out", str(out)], capsys)
+        code, stdout, err = run_cli(["sql", "--scored", str(scored), "--example", "per-class", "--out", str(out)],
+                                    capsys)
         assert code == 0 and out.exists() and "rows to" in stdout, err
-    assert pq.read_table(tmp_path / "result.parquet").num_rows == len((tmp_path / "result.json").read_text().splitlines())
+    json_lines = (tmp_path / "result.json").read_text().splitlines()
+    assert pq.read_table(tmp_path / "result.parquet").num_rows == len(json_lines)
     for argv, message in [
         (["sql", "--scored", str(scored), "SELECT nope FROM scores"], "query failed"),
         (["sql", "--scored", str(scored), "DROP VIEW scores"], "only queries"),
@@ -271,7 +274,8 @@ def test_export_round_trip(scored: Path, tmp_path: Path, teacher_path: Path, poo
                                             shard_rows=128, row_group_rows=64, embedding=True, seed=1))
     manifest = json.loads((out / "_manifest.json").read_text())
     assert summary.rows == manifest["rows"] == 300 and [s["rows"] for s in manifest["shards"]] == [128, 128, 44]
-    assert manifest["image_shape"] == [1, 28, 28] and manifest["teacher"]["fingerprint"] == ScoredPool.open(scored).fingerprint
+    assert manifest["image_shape"] == [1, 28, 28]
+    assert manifest["teacher"]["fingerprint"] == ScoredPool.open(scored).fingerprint
     shards = pq.read_table(out)
     assert pq.ParquetFile(out / "shard-00000.parquet").metadata.num_row_groups == 2
     assert sorted(shards["uid"].to_pylist()) == sorted(selection["uid"].to_pylist())
@@ -289,7 +293,7 @@ def test_export_round_trip(scored: Path, tmp_path: Path, teacher_path: Path, poo
     dataset = PoolDataset(pool, spec.geometry())
     uid_to_index = {pool.uid(i): i for i in range(len(pool))}
     for row in shards.slice(0, 40).to_pylist():
-        expected = dataset[uid_to_index[row["uid"]]][4]
+        expected = dataset[uid_to_index[row["uid"]]].image
         pixels = torch.frombuffer(bytearray(row["pixels"]), dtype=torch.uint8).reshape(manifest["image_shape"])
         assert torch.equal(pixels, expected), row["uid"]
 

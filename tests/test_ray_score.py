@@ -14,7 +14,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from curate.score import ScoreConfig, score_pool
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
 
 if os.environ.get("CI") == "true":
     import ray  # CI installs the [ray] extra: a missing Ray must fail there, not skip

@@ -18,9 +18,11 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from curate.errors import UserError
-from curate.score import ScoreConfig, score_pool
+from curate.score.config import ScoreConfig
 from curate.score.indicators import INDICATORS
-from curate.teachers import load_teacher, save_teacher
+from curate.score.runner import score_pool
+from curate.teachers import load_teacher, save_model
+
 
 def read_scored(folder: Path):
     return ds.dataset(str(folder), format="parquet", ignore_prefixes=["_", "."]).to_table()
@@ -83,7 +85,7 @@ def test_rerun_on_complete_output_does_nothing(scored: Path, teacher_path: Path,
 
 def test_other_teacher_or_pool_is_refused(scored: Path, teacher_path: Path, pool_spec: Path, workdir: Path) -> None:
     other = load_teacher(teacher_path)
-    other_path = save_teacher(other.model, {**other.meta, "note": "changed"}, workdir / "other.pt", "checkpoint",
+    other_path = save_model(other.model, {**other.meta, "note": "changed"}, workdir / "other.pt", "checkpoint",
                               arch="resnet8", arch_options={"width": 1.0})
     with pytest.raises(UserError, match="another teacher"):
         score_pool(ScoreConfig(teacher=other_path, pool=str(pool_spec), out=scored, shard_rows=300, batch_size=64,
@@ -123,7 +125,7 @@ def test_sigkill_then_resume_gives_identical_files(scored: Path, teacher_path: P
 
 def test_torchscript_teacher_scores_without_batchnorm_indicators(workdir: Path, teacher_path: Path) -> None:
     loaded = load_teacher(teacher_path)
-    scripted = save_teacher(loaded.model, loaded.meta, workdir / "scripted.pt", "torchscript")
+    scripted = save_model(loaded.model, loaded.meta, workdir / "scripted.pt", "torchscript")
     out = workdir / "scripted-scored"
     score_pool(ScoreConfig(teacher=scripted, pool="mnist5k", out=out, limit=300, shard_rows=300, batch_size=100,
                            workers=0, reference_count=128))

@@ -16,7 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from curate.errors import UserError
-from train.shards import CuratedShards, EpochPlan, ReaderState, ShardBatches
+from curate.selected import CuratedShards
+from train.shards import EpochPlan, ReaderState, ShardBatches
 
 
 def delivered(shards: CuratedShards, plan: EpochPlan, workers: int) -> list[dict[str, torch.Tensor]]:

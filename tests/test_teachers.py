@@ -10,7 +10,7 @@ import torch
 
 from curate.errors import UserError
 from curate.models import MODELS, build_model
-from curate.teachers import FORMATS, load_teacher, save_teacher
+from curate.teachers import FORMATS, load_teacher, save_model
 
 META = {"num_classes": 10, "class_names": [f"c{i}" for i in range(10)], "in_channels": 1, "image_size": 28,
         "mean": [0.29], "std": [0.35], "arch": "resnet8"}
@@ -32,7 +32,7 @@ def test_round_trip_gives_identical_logits(tmp_path: Path, model: torch.nn.Modul
     x = torch.randn(7, 1, 28, 28)
     with torch.inference_mode():
         expected = model(x)
-    path = save_teacher(model, META, tmp_path / f"teacher-{fmt}.bin", fmt, arch="resnet8")
+    path = save_model(model, META, tmp_path / f"teacher-{fmt}.bin", fmt, arch="resnet8")
     overrides = META if fmt == "pickle" else None  # a pickled module carries no meta of its own
     teacher = load_teacher(path, trust_pickle=fmt == "pickle", meta_overrides=overrides)
     assert teacher.format == fmt
@@ -45,16 +45,16 @@ def test_round_trip_gives_identical_logits(tmp_path: Path, model: torch.nn.Modul
 
 
 def test_pickled_module_needs_trust(tmp_path: Path, model: torch.nn.Module) -> None:
-    path = save_teacher(model, META, tmp_path / "pickled.pt", "pickle")
+    path = save_model(model, META, tmp_path / "pickled.pt", "pickle")
     with pytest.raises(UserError, match="--trust-pickle"):
         load_teacher(path, meta_overrides=META)
 
 
 def test_input_spec_mismatch_is_caught_at_load(tmp_path: Path, model: torch.nn.Module) -> None:
-    path = save_teacher(model, META, tmp_path / "t.pt", "checkpoint", arch="resnet8")
+    path = save_model(model, META, tmp_path / "t.pt", "checkpoint", arch="resnet8")
     with pytest.raises(UserError, match="rejects 3x28x28"):
         load_teacher(path, meta_overrides={"in_channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
-    export = save_teacher(model, META, tmp_path / "t.pt2", "export")
+    export = save_model(model, META, tmp_path / "t.pt2", "export")
     with pytest.raises(UserError, match="rejects"):
         load_teacher(export, meta_overrides={"in_channels": 3, "mean": [0.5] * 3, "std": [0.5] * 3})
     with pytest.raises(UserError, match="class_names"):
@@ -62,7 +62,7 @@ def test_input_spec_mismatch_is_caught_at_load(tmp_path: Path, model: torch.nn.M
 
 
 def test_corrupt_and_missing_files(tmp_path: Path, model: torch.nn.Module) -> None:
-    good = save_teacher(model, META, tmp_path / "t.pt", "checkpoint", arch="resnet8")
+    good = save_model(model, META, tmp_path / "t.pt", "checkpoint", arch="resnet8")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(UserError, match="not a readable teacher"):

@@ -1,4 +1,4 @@
-"""Batched augmentation on uint8 image tensors, on whatever device the batch is on.
+"""Batched augmentation (crop, flip, mixup) on image tensors, on whatever device the batch is on.
 
 Per-sample torchvision transforms cost about half a millisecond each on a CPU
 core, as much as the training step of a small network; doing crop and flip
@@ -7,6 +7,7 @@ for a whole batch with one gather keeps augmentation off the critical path.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -33,3 +34,18 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     # channels-last path even for a model kept in the default layout: copy into standard strides.
     gathered = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return gathered.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+
+
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The CPU generator of every random draw of one training step on one rank: resumes exactly."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + (rank << 40))
+
+
+def mix(images: torch.Tensor, alpha: float, seed: int, step: int, rank: int = 0) -> torch.Tensor:
+    """Mixup between samples of the batch (a seeded permutation), one Beta(alpha, alpha) weight per sample,
+    the larger share kept by the sample itself."""
+    rng = np.random.default_rng([seed, step, rank] if rank else [seed, step])
+    lam = torch.from_numpy(rng.beta(alpha, alpha, len(images)).astype(np.float32))
+    lam = torch.maximum(lam, 1 - lam).to(images.device).view(-1, 1, 1, 1)
+    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    return lam * images + (1 - lam) * images[perm]

@@ -19,7 +19,8 @@ from train.data import labeled_batches, make_loader
 
 @torch.inference_mode()
 def predictions(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
-                normalize: Callable[[torch.Tensor], torch.Tensor], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+                normalize: Callable[[torch.Tensor], torch.Tensor],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, true label) for every sample of ``loader``, on the CPU."""
     was_training = bool(getattr(model, "training", False))
     if was_training:
@@ -85,5 +86,6 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
     per_class = {}
     for index, name in enumerate(loaded.class_names):
         mask = labels == index
-        per_class[name] = (float((preds[mask] == index).float().mean()) if mask.any() else float("nan"), int(mask.sum()))
+        correct = float((preds[mask] == index).float().mean()) if mask.any() else float("nan")
+        per_class[name] = (correct, int(mask.sum()))
     return {"accuracy": float((preds == labels).float().mean()), "samples": len(labels), "per_class": per_class}

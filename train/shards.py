@@ -1,4 +1,5 @@
-"""Streaming the curated shards (`curate export`'s `selected/`) into training, exactly resumable.
+"""Streaming the curated shards (`selected/`, opened and checked by curate/selected.py) into training,
+exactly resumable.
 
 The order of an epoch is a pure function of (seed, epoch, rank, world size, lanes) and the row counts in
 the manifest, computed before any pixel is read:
@@ -18,11 +19,9 @@ int32 per row of this rank.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,92 +31,8 @@ import torch
 from torch.utils.data import Dataset
 
 from curate.errors import UserError
-from curate.query.scored import float_lists
-
-FORMAT = "curate.selected/1"
-MANIFEST = "_manifest.json"
-
-
-@dataclass(frozen=True)
-class ShardFile:
-    path: Path
-    rows: int
-    group_rows: tuple[int, ...]  # rows per row group
-
-    @property
-    def group_starts(self) -> np.ndarray:
-        """First row of every row group, then the row count."""
-        return np.cumsum((0,) + self.group_rows)
-
-
-@dataclass
-class CuratedShards:
-    """A ``selected/`` folder, checked: one teacher, one image shape, readable shards matching the manifest."""
-
-    folder: Path
-    manifest: dict[str, Any]
-    files: list[ShardFile]
-    weights: np.ndarray  # float32 per row, shards concatenated in manifest order
-    embedding_dim: int | None  # None unless every shard stores the teacher embedding
-
-    @classmethod
-    def open(cls, folder: Path) -> CuratedShards:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise UserError(f"no shard folder {folder}: run `curate export --out {folder}` first")
-        if not (folder / MANIFEST).exists():
-            found = "is empty" if not any(folder.iterdir()) else f"has no {MANIFEST}"
-            raise UserError(f"{folder} {found}: give a folder written by `curate export`")
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{folder / MANIFEST} is damaged: export the selection again") from None
-        if manifest.get("format") != FORMAT:
-            raise UserError(f"{folder} is not a curated shard folder ({manifest.get('format')})")
-        files, weights, embedding = [], [], []
-        for entry in manifest["shards"]:
-            path = folder / entry["file"]
-            try:
-                parquet = pq.ParquetFile(path)
-                meta = json.loads((parquet.schema_arrow.metadata or {}).get(b"curate", b"{}"))
-                shard_weights = parquet.read(columns=["weight"])["weight"].to_numpy()
-            except (OSError, pa.ArrowException, json.JSONDecodeError, KeyError) as err:
-                raise UserError(f"shard {path} is missing or corrupt ({err}): export the selection again") from None
-            if meta.get("teacher_fingerprint") != manifest["teacher"]["fingerprint"]:
-                raise UserError(f"{path.name} comes from another teacher than {MANIFEST}: do not mix shards of "
-                                "two exports; export into a fresh folder")
-            if meta.get("image_shape") != manifest["image_shape"]:
-                raise UserError(f"{path.name} holds images of shape {meta.get('image_shape')}, the manifest "
-                                f"{manifest['image_shape']}: do not mix shards of two exports")
-            if parquet.metadata.num_rows != entry["rows"]:
-                raise UserError(f"{path.name} has {parquet.metadata.num_rows} rows, the manifest says {entry['rows']}: "
-                                "export the selection again")
-            groups = tuple(parquet.metadata.row_group(i).num_rows for i in range(parquet.metadata.num_row_groups))
-            files.append(ShardFile(path, entry["rows"], groups))
-            weights.append(shard_weights.astype(np.float32))
-            names = parquet.schema_arrow.names
-            embedding.append(parquet.schema_arrow.field("embedding").type.list_size if "embedding" in names else None)
-        if not files or sum(f.rows for f in files) == 0:
-            raise UserError(f"{folder} holds no rows: select and export a non-empty selection")
-        dims = set(embedding)
-        return cls(folder, manifest, files, np.concatenate(weights), dims.pop() if len(dims) == 1 else None)
-
-    @property
-    def rows(self) -> int:
-        return sum(f.rows for f in self.files)
-
-    @property
-    def row_offsets(self) -> np.ndarray:
-        """Row number of every shard's first row across the shards in manifest order, then the total."""
-        return np.concatenate([[0], np.cumsum([f.rows for f in self.files])]).astype(np.int64)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return tuple(self.manifest["image_shape"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
+from curate.selected import CuratedShards
+from curate.vectors import float_lists
 
 
 @dataclass
@@ -146,8 +61,8 @@ class EpochPlan:
             shard_ids, rows = self._lane_rows(shards, mine[lane::lanes], offsets, window_groups, weighted,
                                               np.random.default_rng([seed, epoch, rank, lane]))
             count = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
-            lane_batches.append([(shard_ids[i * batch_size:(i + 1) * batch_size], rows[i * batch_size:(i + 1) * batch_size])
-                                 for i in range(count)])
+            cuts = [slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
+            lane_batches.append([(shard_ids[cut], rows[cut]) for cut in cuts])
         self.batches: list[tuple[np.ndarray, np.ndarray]] = []
         for k in range(max((len(b) for b in lane_batches), default=0)):  # round-robin, exhausted lanes drop out
             self.batches.extend(b[k] for b in lane_batches if k < len(b))
@@ -263,7 +178,8 @@ class ShardBatches(Dataset):
                 parts.setdefault("index", []).append(self._offsets[shard] + rows[take])
                 parts.setdefault("position", []).append(take)
         position = np.argsort(np.concatenate(parts.pop("position")))  # back to the plan's order
-        batch: dict[str, Any] = in_one_buffer({name: np.concatenate(values)[position] for name, values in parts.items()})
+        batch: dict[str, Any] = in_one_buffer({name: np.concatenate(values)[position]
+                                               for name, values in parts.items()})
         batch["key"] = key
         return batch
 

@@ -5,9 +5,8 @@ Read top to bottom: config -> data -> model -> optimiser and schedule -> loop ->
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -15,57 +14,16 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from curate.device import pick_device
 from curate.errors import UserError
 from curate.models import build_model, channels_last_is_safe
 from curate.pools import open_pool
-from curate.teachers import save_teacher
+from curate.teachers import save_model
 from train.augment import random_crop_flip
+from train.config import TeacherConfig
 from train.data import class_names_of, infer_input_spec, labeled_batches, make_loader
-from curate.device import pick_device
 from train.evaluate import accuracy
-
-
-@dataclass
-class TeacherConfig:
-    dataset: str
-    out: Path
-    arch: str = "resnet8"
-    width: float = 1.0
-    root: Path | None = None
-    test_dataset: str | None = None
-    num_classes: int | None = None
-    in_channels: int | None = None
-    image_size: int | None = None
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
-    label_smoothing: float = 0.0
-    crop_padding: int = 2
-    flip: bool = True
-    limit: int | None = None
-    workers: int = 0
-    device: str = "auto"
-    seed: int = 0
-
-    def test_pool_name(self) -> str:
-        if self.test_dataset:
-            return self.test_dataset
-        if self.dataset.endswith(".toml"):
-            raise UserError("a mixed training pool has no obvious test split: pass --test-dataset, e.g. fashion-mnist:test")
-        return f"{self.dataset.partition(':')[0]}:test"
-
-
-def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+from train.optim import cosine_with_warmup
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
@@ -149,6 +107,6 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         "train_seconds": round(time.perf_counter() - started, 1),
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
     }
-    save_teacher(model.to("cpu", memory_format=torch.contiguous_format), meta, cfg.out, "checkpoint",
+    save_model(model.to("cpu", memory_format=torch.contiguous_format), meta, cfg.out, "checkpoint",
                  arch=cfg.arch, arch_options={"width": cfg.width})
     return meta

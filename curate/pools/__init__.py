@@ -15,17 +15,18 @@ from curate.errors import UserError
 # Importing the modules registers their kinds.
 from curate.pools import arrays, batches, generated, glyphs, idx, images, mix  # noqa: F401
 from curate.pools.base import Pool, Sample, SampleError
-from curate.pools.dataset import PoolBatch, PoolDataset, collate_samples
+from curate.pools.dataset import PoolBatch, PoolDataset, PoolItem, collate_samples
 from curate.pools.registry import POOL_KINDS, default_root, make_pool
 
 __all__ = [
-    "POOL_KINDS", "Pool", "PoolBatch", "PoolDataset", "Sample", "SampleError",
+    "POOL_KINDS", "Pool", "PoolBatch", "PoolDataset", "PoolItem", "Sample", "SampleError",
     "collate_samples", "default_root", "open_pool", "parse_options",
 ]
 
 
 def open_pool(pool: str, root: Path | str | None = None, options: dict | None = None) -> Pool:
-    """Open ``kind``, ``kind:split`` or a ``.toml`` mix spec, reading from ``root`` (default ``$CURATE_DATA``/``./data``)."""
+    """Open ``kind``, ``kind:split`` or a ``.toml`` mix spec, reading from ``root`` (default "
+      "``$CURATE_DATA``/``./data``)."""
     root_path = Path(root) if root is not None else None
     if pool.endswith(".toml"):
         return make_pool("mix", root_path, {**(options or {}), "spec": pool})
@@ -37,7 +38,8 @@ def open_pool(pool: str, root: Path | str | None = None, options: dict | None = 
 
 
 def parse_options(pairs: list[str]) -> dict:
-    """``["split=test", "count=500", "fonts=['a.ttf','b.ttf']"]`` -> typed dict (values parsed as TOML, else strings)."""
+    """``["split=test", "count=500", "fonts=['a.ttf','b.ttf']"]`` -> typed dict (values parsed as TOML, else "
+                                                             "strings)."""
     options: dict = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")

@@ -72,7 +72,8 @@ class Stl10Pool(Pool):
         folder = base / "stl10_binary" if (base / "stl10_binary").is_dir() else base
         fix = "pass --root with the folder holding stl10_binary/"
         self.images_path = require_file(folder / f"{split}_X.bin", f"STL-10 {split}_X.bin", fix)
-        self.labels_path = None if split == "unlabeled" else require_file(folder / f"{split}_y.bin", f"STL-10 {split}_y.bin", fix)
+        self.labels_path = None if split == "unlabeled" else require_file(folder / f"{split}_y.bin",
+                                                                          f"STL-10 {split}_y.bin", fix)
         size = self.images_path.stat().st_size
         per_image = 3 * self.side * self.side
         if size % per_image:

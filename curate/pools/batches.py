@@ -27,7 +27,8 @@ def load_batch(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise UserError(f"batch file {path} disappeared: check --root") from None
     except Exception as err:  # a corrupt pickle can raise nearly anything
-        raise UserError(f"{path} is not a readable pickled batch ({type(err).__name__}: {err}): re-download it") from None
+        raise UserError(f"{path} is not a readable pickled batch ({type(err).__name__}: {err}): "
+                        "re-download it") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path} does not hold a dict batch: is it really a {path.parent.name} batch file?")
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}

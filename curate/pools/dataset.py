@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
@@ -24,9 +25,20 @@ class PoolBatch:
     errors: list[tuple[int, str, str]]
 
 
+class PoolItem(NamedTuple):
+    """One sample as the dataset hands it over; an unreadable one has no image and says why in ``error``."""
+
+    index: int  # pool position
+    uid: str
+    source: str
+    key: str
+    image: torch.Tensor | None
+    label: int  # -1 where the source has no label
+    error: str | None = None
+
+
 class PoolDataset(Dataset):
-    """``dataset[i]`` -> (i, uid, source, key, image, label), or (i, uid, "", "", None, reason) for an
-    unreadable sample."""
+    """``dataset[i]`` -> the :class:`PoolItem` of position ``i`` (of ``indices[i]`` when given)."""
 
     def __init__(self, pool: Pool, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  indices: Sequence[int] | None = None) -> None:
@@ -37,29 +49,25 @@ class PoolDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pool) if self.indices is None else len(self.indices)
 
-    def __getitem__(self, position: int) -> tuple:
+    def __getitem__(self, position: int) -> PoolItem:
         index = position if self.indices is None else int(self.indices[position])
         try:
             sample = self.pool.sample(index)
         except SampleError as err:
-            return index, self.pool.uid(index), "", "", None, str(err)
+            return PoolItem(index, self.pool.uid(index), "", "", None, -1, str(err))
         image = self.transform(sample.image) if self.transform is not None else sample.image
-        return index, sample.uid, sample.source, sample.key, image, -1 if sample.label is None else sample.label
+        return PoolItem(index, sample.uid, sample.source, sample.key, image,
+                        -1 if sample.label is None else sample.label)
 
 
-def collate_samples(items: list[tuple]) -> PoolBatch:
-    good = [item for item in items if item[4] is not None]
-    errors = [(item[0], item[1], item[5]) for item in items if item[4] is None]
-    if good:
-        images = torch.stack([item[4] for item in good])
-    else:
-        images = torch.empty(0)
+def collate_samples(items: list[PoolItem]) -> PoolBatch:
+    good = [item for item in items if item.image is not None]
     return PoolBatch(
-        indices=torch.tensor([item[0] for item in good], dtype=torch.int64),
-        images=images,
-        labels=torch.tensor([item[5] for item in good], dtype=torch.int64),
-        uids=[item[1] for item in good],
-        sources=[item[2] for item in good],
-        keys=[item[3] for item in good],
-        errors=errors,
+        indices=torch.tensor([item.index for item in good], dtype=torch.int64),
+        images=torch.stack([item.image for item in good]) if good else torch.empty(0),
+        labels=torch.tensor([item.label for item in good], dtype=torch.int64),
+        uids=[item.uid for item in good],
+        sources=[item.source for item in good],
+        keys=[item.key for item in good],
+        errors=[(item.index, item.uid, item.error) for item in items if item.image is None],
     )

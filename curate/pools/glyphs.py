@@ -105,7 +105,8 @@ class GlyphsPool(Pool):
     kind = "glyphs"
     summary = "characters rendered from TTF/OTF fonts (kana, kanji, Latin, digits, emoji, any code-point range)"
     options = {
-        "fonts": "font files or names, e.g. ['ipag.ttf', 'DejaVuSans.ttf', 'NotoColorEmoji.ttf'] (default DejaVuSans.ttf)",
+        "fonts": "font files or names, e.g. ['ipag.ttf', 'DejaVuSans.ttf', 'NotoColorEmoji.ttf'] (default "
+                 "DejaVuSans.ttf)",
         "ranges": f"code-point ranges: names ({', '.join(NAMED_RANGES)}) or '0x3040-0x309F' (default latin,digits)",
         "size": "side of the rendered image in pixels (default 32)",
         "background": "black | white (default black)",

@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 
 from curate.errors import UserError
 from curate.pools.base import Pool, SampleError, require_dir
-from curate.pools.registry import default_root, register
+from curate.pools.registry import register
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 

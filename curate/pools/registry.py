@@ -32,7 +32,8 @@ def make_pool(kind: str, root: Path | None = None, options: dict | None = None) 
     from curate.errors import UserError
 
     if kind not in POOL_KINDS:
-        raise UserError(f"unknown pool kind {kind!r}: run `curate pools` to list them ({', '.join(sorted(POOL_KINDS))})")
+        kinds = ", ".join(sorted(POOL_KINDS))
+        raise UserError(f"unknown pool kind {kind!r}: run `curate pools` to list them ({kinds})")
     cls = POOL_KINDS[kind]
     options = dict(options or {})
     unknown = sorted(set(options) - set(cls.options))

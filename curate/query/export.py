@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,27 +33,12 @@ from torch.utils.data import DataLoader
 from curate.atomic import write_folder_atomically
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
-from curate.query.scored import ScoredPool, float_lists
+from curate.query.config import ExportConfig
+from curate.query.scored import ScoredPool
+from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
 from curate.spec import InputSpec
 from curate.teachers import file_fingerprint
-
-FORMAT = "curate.selected/1"
-MANIFEST = "_manifest.json"
-
-
-@dataclass
-class ExportConfig:
-    scored: Path
-    selection: Path
-    out: Path
-    root: Path | None = None
-    shard_rows: int = 4096
-    row_group_rows: int = 1024
-    embedding: bool = False
-    seed: int = 0
-    workers: int | None = None
-    verify: int = 256  # rows re-scored by the teacher to check the pool still holds the scored images
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
+from curate.vectors import float_lists
 
 
 @dataclass
@@ -135,7 +119,8 @@ def reopen_pool(scored: ScoredPool, root: Path | None):
     pool = open_pool(identity["arg"], root, identity["options"])
     described = json.loads(json.dumps(pool.describe(), default=str, sort_keys=True))
     if without_paths(described) != without_paths(identity["description"]):
-        raise UserError(f"the pool {identity['arg']} read from --root {root or '(default)'} differs from the one scored "
+        raise UserError(f"the pool {identity['arg']} read from --root {root or '(default)'} differs from the one "
+                        f"scored "
                         f"(size or sources changed): point --root at the data {scored.folder} was scored from")
     return pool
 
@@ -143,7 +128,7 @@ def reopen_pool(scored: ScoredPool, root: Path | None):
 def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndarray) -> None:
     """Run the scoring teacher on a few selected images as read from the pool now and compare with the stored
     logits: a pool whose files changed since scoring (same names and count, other pixels) is caught here."""
-    from curate.score.runner import ForwardPass
+    from curate.score.forward import ForwardPass
     from curate.teachers import load_teacher
 
     teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
@@ -160,20 +145,6 @@ def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndar
                         f"relative difference {np.median(relative):.2f}): point --root at the data that was scored")
 
 
-def shard_schema(num_classes: int, embedding_dim: int | None, metadata: dict[str, Any]) -> pa.Schema:
-    fields = [
-        pa.field("uid", pa.string(), nullable=False),
-        pa.field("source", pa.dictionary(pa.int32(), pa.string())),
-        pa.field("pixels", pa.binary(), nullable=False),
-        pa.field("logits", pa.list_(pa.float16(), num_classes), nullable=False),
-        pa.field("weight", pa.float32(), nullable=False),
-        pa.field("label", pa.int32()),
-    ]
-    if embedding_dim is not None:
-        fields.append(pa.field("embedding", pa.list_(pa.float16(), embedding_dim)))
-    return pa.schema(fields, metadata={"curate": json.dumps(metadata)})
-
-
 def export_selection(cfg: ExportConfig) -> ExportSummary:
     started = time.perf_counter()
     scored = ScoredPool.open(cfg.scored)
@@ -187,13 +158,8 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
 
     spec = InputSpec.from_meta(scored.teacher_meta)
     embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "teacher": {"fingerprint": scored.fingerprint, "meta": scored.teacher_meta},
-        "image_shape": list(spec.shape()),
-        "input_spec": spec.to_meta(),
-        "class_names": scored.class_names,
-        "num_classes": scored.num_classes,
+    manifest = manifest_for(scored.fingerprint, scored.teacher_meta, spec, scored.class_names, scored.num_classes)
+    manifest.update({
         "rows": rows.num_rows,
         "weight_sum": float(pc.sum(rows["weight"]).as_py()),
         "shards": [],
@@ -206,20 +172,18 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
             "export_command": cfg.command,
             "seed": cfg.seed,
         },
-    }
-    schema = shard_schema(scored.num_classes, embedding_dim,
-                          {k: manifest[k] for k in ("format", "image_shape", "class_names", "num_classes")}
-                          | {"teacher_fingerprint": scored.fingerprint})
+    })
+    schema = shard_schema(manifest, embedding_dim)
 
     def fill(folder: Path) -> None:
         pixels_file = folder / "pixels.tmp.npy"
         pixels = read_pixels(cfg, pool, spec, rows, pixels_file)
         verify = min(cfg.verify, rows.num_rows)
         verify_images(scored, pixels[:verify], float_lists(rows["logits"].slice(0, verify)))
-        _write_shards(cfg, rows, pixels, schema, folder, manifest)
+        manifest["shards"] = _write_shards(cfg, rows, pixels, schema, folder)
         del pixels
         pixels_file.unlink()
-        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        write_manifest(folder, manifest)
 
     write_folder_atomically(cfg.out, fill)
     return ExportSummary(cfg.out, rows.num_rows, len(manifest["shards"]), time.perf_counter() - started)
@@ -253,31 +217,16 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     return pixels
 
 
-def _write_shards(cfg: ExportConfig, rows: pa.Table, pixels: np.ndarray, schema: pa.Schema, folder: Path,
-                  manifest: dict[str, Any]) -> None:
+def _write_shards(cfg: ExportConfig, rows: pa.Table, pixels: np.ndarray, schema: pa.Schema,
+                  folder: Path) -> list[dict[str, Any]]:
+    writer = ShardWriter(folder, schema, cfg.shard_rows, cfg.row_group_rows)
     columns = [TextColumn("[bold]writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    shard_index, writer, in_shard = 0, None, 0
     with Progress(*columns) as progress:
         task = progress.add_task("write", total=rows.num_rows)
         for offset in range(0, rows.num_rows, cfg.row_group_rows):
             part = rows.slice(offset, cfg.row_group_rows)
-            images = pixels[offset:offset + part.num_rows].reshape(part.num_rows, -1)
-            record = pa.table({
-                "uid": part["uid"], "source": part["source"].cast(pa.string()).dictionary_encode(),
-                "pixels": pa.array([image.tobytes() for image in images], pa.binary()),
-                "logits": part["logits"], "weight": part["weight"], "label": part["label"],
-                **({"embedding": part["embedding"]} if cfg.embedding else {}),
-            }).cast(schema)
-            if writer is None:
-                name = f"shard-{shard_index:05d}.parquet"
-                writer = pq.ParquetWriter(folder / name, schema)
-            writer.write_table(record, row_group_size=cfg.row_group_rows)
-            in_shard += record.num_rows
-            progress.advance(task, record.num_rows)
-            if in_shard >= cfg.shard_rows:
-                writer.close()
-                manifest["shards"].append({"file": name, "rows": in_shard})
-                shard_index, writer, in_shard = shard_index + 1, None, 0
-        if writer is not None:
-            writer.close()
-            manifest["shards"].append({"file": name, "rows": in_shard})
+            writer.write(rows_table(schema, part["uid"], part["source"], pixels[offset:offset + part.num_rows],
+                                    part["logits"], part["weight"], part["label"],
+                                    part["embedding"] if cfg.embedding else None))
+            progress.advance(task, part.num_rows)
+    return writer.close()

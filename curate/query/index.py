@@ -31,7 +31,8 @@ from rich.progress import Progress
 
 from curate.atomic import write_folder_atomically
 from curate.errors import UserError
-from curate.query.scored import ScoredPool, float_lists
+from curate.query.scored import ScoredPool
+from curate.vectors import float_lists
 
 INDEX_DIR = "_index"
 FLAT_MAX_ROWS = 200_000

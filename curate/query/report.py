@@ -33,7 +33,8 @@ def _rows(con, query: str) -> list[tuple]:
 
 
 def _markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"]
+    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule]
     for row in rows:
         lines.append("| " + " | ".join(_fmt(v) for v in row) + " |")
     return "\n".join(lines)
@@ -50,7 +51,8 @@ def _fmt(value) -> str:
 def plot_relatedness_histogram(con, path: Path, bins: int = 60) -> None:
     lo, hi = _rows(con, "SELECT quantile_cont(relatedness, 0.001), quantile_cont(relatedness, 0.999) FROM scores")[0]
     width = max((hi - lo) / bins, 1e-6)
-    counts = _rows(con, f"""SELECT source, least(greatest(floor((relatedness - {lo}) / {width}), 0), {bins - 1})::INT AS b,
+    counts = _rows(con, f"""SELECT source,
+                             least(greatest(floor((relatedness - {lo}) / {width}), 0), {bins - 1})::INT AS b,
                              count(*) FROM scores GROUP BY ALL""")
     by_source: dict[str, np.ndarray] = {}
     for source, b, n in counts:
@@ -117,7 +119,8 @@ def write_report(scored_folder: Path, out: Path, selection: Path | None = None) 
                                       median(relatedness), quantile_cont(relatedness, 0.9), avg(confidence)
                                FROM scores GROUP BY source ORDER BY 3 DESC""")
     per_class = _rows(con, """SELECT c.class_name, count(*), avg(s.relatedness), avg(s.confidence)
-                              FROM scores s JOIN classes c USING (pred) GROUP BY c.pred, c.class_name ORDER BY c.pred""")
+                              FROM scores s JOIN classes c USING (pred)
+                              GROUP BY c.pred, c.class_name ORDER BY c.pred""")
     errors = _rows(con, "SELECT count(*) FROM errors")[0][0]
     lines = [f"# Scored pool `{scored.folder}`", "",
              f"{scored.rows:,} rows, {errors:,} unreadable samples, teacher `{scored.fingerprint[:12]}` "

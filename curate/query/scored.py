@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
-import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import UserError
@@ -27,14 +25,6 @@ from curate.score.output import ERRORS, FORMAT, MANIFEST
 
 def sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-def float_lists(values: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Lists of D numbers (the stored fixed-size float16 lists, or DuckDB's float lists) -> float32 (rows, D)."""
-    if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
-    flat = values.flatten().cast(pa.float32()).to_numpy()  # Arrow's float16 cast is ~2x faster than numpy's
-    return flat.reshape(len(values), -1) if len(values) else flat.reshape(0, 1)
 
 
 def sql_file_list(paths: list[Path]) -> str:
@@ -60,7 +50,8 @@ class ScoredPool:
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder} holds something other than a scored pool ({manifest.get('format')})")
         if not manifest.get("complete"):
-            raise UserError(f"scoring of {folder} is not finished: rerun the same `curate score` command to complete it")
+            raise UserError(f"scoring of {folder} is not finished: rerun the same `curate score` command to complete "
+                            f"it")
         files = [folder / entry["file"] for entry in manifest["shards"]]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -82,7 +73,8 @@ class ScoredPool:
             except json.JSONDecodeError:
                 found = ""
             if found != expected:
-                raise UserError(f"{path.name} was scored by another teacher ({found[:12] or 'unknown'} vs {expected[:12]} in "
+                raise UserError(f"{path.name} was scored by another teacher ({found[:12] or 'unknown'} vs "
+                                f"{expected[:12]} in "
                                 f"{MANIFEST}): do not mix shards of two runs; score into a fresh --out")
 
     @property

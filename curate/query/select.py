@@ -16,7 +16,7 @@ Strategies (all seeded and reproducible):
 - ``balanced``: equal quotas per teacher-predicted class (classes with fewer
   candidates give their share to the others), each filled by ``--by``.
 - ``diverse``: k-means of the embeddings (FAISS), equal quotas per cluster
-  filled by ``--by``; near-duplicates dropped (``--dedup``, default 0.95).
+  filled by ``--by``; near-duplicates dropped (``--dedup``, default 0.98 for ``diverse``).
 - ``knn``: nearest neighbours (the vector index) of seed images (``--seeds``
   folder, embedded by the teacher) or of class prototypes (mean embedding of
   the most related rows of every predicted class), quotas spread over seeds.
@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,37 +46,13 @@ import pyarrow.parquet as pq
 
 from curate.atomic import write_atomically
 from curate.errors import UserError
+from curate.query.config import SelectConfig
 from curate.query.index import embeddings_of
 from curate.query.scored import ScoredPool, sql_string
 from curate.query.sql import check_read_only, first_line
 
-STRATEGIES = ("uniform", "topk", "sample", "balanced", "diverse", "knn", "sql")
-WEIGHTINGS = ("uniform", "importance", "class")
-RANDOM_STRATEGIES = ("uniform", "sample", "balanced", "diverse")  # those with known inclusion probabilities
 CARRIED = ["source", "key", "label", "pred", "confidence", "relatedness"]
 FORMAT = "curate.selection/1"
-
-
-@dataclass
-class SelectConfig:
-    scored: Path
-    strategy: str
-    budget: int
-    out: Path
-    where: str | None = None
-    by: str = "relatedness"
-    tau: float = 1.0
-    epsilon: float = 0.1
-    weights: str = "uniform"
-    dedup: float | None = None
-    clusters: int | None = None
-    seeds: Path | None = None
-    neighbours_per_seed: int | None = None
-    query: str | None = None
-    teacher: Path | None = None
-    seed: int = 0
-    memory_limit: str | None = None
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
 
 
 @dataclass
@@ -118,19 +93,6 @@ class Selector:
     """Runs one selection: candidates view -> ranked table -> dedup -> weights -> selection.parquet."""
 
     def __init__(self, cfg: SelectConfig) -> None:
-        if cfg.strategy not in STRATEGIES:
-            raise UserError(f"unknown strategy {cfg.strategy!r}: choose one of {', '.join(STRATEGIES)}")
-        if cfg.weights not in WEIGHTINGS:
-            raise UserError(f"unknown --weights {cfg.weights!r}: choose one of {', '.join(WEIGHTINGS)}")
-        if cfg.weights == "importance" and cfg.strategy not in RANDOM_STRATEGIES:
-            raise UserError(f"--weights importance needs known inclusion probabilities, which {cfg.strategy} lacks: "
-                            f"use one of {', '.join(RANDOM_STRATEGIES)}, or --weights uniform/class")
-        if cfg.budget < 1:
-            raise UserError("--budget must be at least 1")
-        if cfg.dedup is not None and not 0 < cfg.dedup < 1:
-            raise UserError(f"--dedup is a cosine similarity threshold in (0, 1), got {cfg.dedup}")
-        if cfg.tau <= 0 or not 0 <= cfg.epsilon <= 1:
-            raise UserError("--tau must be > 0 and --epsilon in [0, 1]")
         self.cfg = cfg
         self.scored = ScoredPool.open(cfg.scored)
         self.con = self.scored.connect(memory_limit=cfg.memory_limit)
@@ -235,7 +197,7 @@ class Selector:
 
         index = VectorIndex.load(self.scored)
         seeds = self.seed_embeddings()
-        per_seed = self.cfg.neighbours_per_seed or -(-self.cfg.budget // len(seeds))
+        per_seed = self.cfg.per_seed or -(-self.cfg.budget // len(seeds))
         k = min(index.index.ntotal, per_seed * 4 + 16)  # room for rows that --where or dedup drop
         sims, ids = index.search(seeds, k)
         rows = [(index.uids[int(i)].as_py(), rank / per_seed) for row in ids for rank, i in enumerate(row) if i >= 0]
@@ -388,7 +350,7 @@ def _counts(table: pa.Table, column: str) -> dict[str, int]:
 def embed_seed_images(folder: Path, teacher_path: Path) -> np.ndarray:
     """Penultimate embeddings of the images in ``folder``, by the teacher that scored the pool."""
     from curate.pools import open_pool
-    from curate.score.runner import score_samples
+    from curate.score.forward import score_samples
     from curate.teachers import load_teacher
 
     if not Path(teacher_path).exists():

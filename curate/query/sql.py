@@ -11,7 +11,7 @@ from curate.atomic import write_atomically
 from curate.errors import UserError
 from curate.query.scored import sql_string
 
-# Named queries users can run as they are or copy and adapt (`curate sql --example NAME --show`).
+# Named queries users can run as they are (`curate sql --example NAME`) or copy and adapt (`--list-examples`).
 EXAMPLES: dict[str, tuple[str, str]] = {
     "per-source": (
         "rows, relatedness and confidence per source",
@@ -31,7 +31,8 @@ GROUP BY s.pred, c.class_name ORDER BY s.pred""",
     ),
     "top-per-class": (
         "the 5 most related samples of every predicted class",
-        """SELECT c.class_name, s.uid, s.source, round(s.relatedness::DOUBLE, 2) AS relatedness, round(s.confidence::DOUBLE, 3) AS confidence
+        """SELECT c.class_name, s.uid, s.source, round(s.relatedness::DOUBLE, 2) AS relatedness,
+       round(s.confidence::DOUBLE, 3) AS confidence
 FROM scores s JOIN classes c USING (pred)
 QUALIFY row_number() OVER (PARTITION BY s.pred ORDER BY s.relatedness DESC, s.uid) <= 5
 ORDER BY s.pred, s.relatedness DESC""",
@@ -45,7 +46,8 @@ GROUP BY s.source, c.class_name ORDER BY s.source, rows DESC""",
     ),
     "indicators": (
         "mean of every out-of-distribution indicator per source (z-scores against noise)",
-        """SELECT source, count(*) AS rows, round(avg(ood_bn_mean::DOUBLE), 1) AS bn_mean, round(avg(ood_bn_var::DOUBLE), 1) AS bn_var,
+        """SELECT source, count(*) AS rows, round(avg(ood_bn_mean::DOUBLE), 1) AS bn_mean,
+       round(avg(ood_bn_var::DOUBLE), 1) AS bn_var,
        round(avg(ood_cos_class::DOUBLE), 1) AS cos_class, round(avg(ood_msp::DOUBLE), 1) AS msp,
        round(avg(ood_neg_energy::DOUBLE), 1) AS neg_energy, round(avg(ood_feat_norm::DOUBLE), 1) AS feat_norm
 FROM scores GROUP BY source ORDER BY source""",

@@ -57,7 +57,7 @@ def normalized(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
-class ShardFile:
+class ShardStream:
     """One shard streamed to disk: record batches go into an open Parquet writer under a temporary name,
     gathered into row groups of ``ROW_GROUP_ROWS`` so no more than one row group is ever held in memory;
     ``commit`` renames the file into place and marks the shard complete, ``abort`` removes it."""
@@ -157,6 +157,31 @@ class ScoredOutput:
         }
         self.save()
 
+    def note_pool_root(self, root: Path) -> None:
+        """Where the pool was read from: not part of the identity (data may move), where `curate export` looks
+        by default. Stored with the next save."""
+        self.manifest["pool_root"] = str(Path(root).resolve())
+
+    @property
+    def reference(self) -> dict[str, Any] | None:
+        """The noise reference's statistics (``Reference.to_json``), None until the first run scored it."""
+        return self.manifest["reference"]
+
+    def record_reference(self, reference: dict[str, Any], teacher: dict[str, Any]) -> None:
+        self.manifest["reference"] = reference
+        self.manifest["teacher"] = teacher
+        self.save()
+
+    def record_columns(self, names: list[str]) -> None:
+        """The shards' column names, stored by the first run."""
+        if self.manifest["columns"] is None:
+            self.manifest["columns"] = names
+            self.save()
+
+    @property
+    def rows(self) -> int:
+        return self.manifest["rows"]
+
     def save(self) -> None:
         text = json.dumps(self.manifest, indent=1)
         write_atomically(self.manifest_path, lambda p: p.write_text(text))
@@ -165,11 +190,11 @@ class ScoredOutput:
         return {i for i, entry in enumerate(self.manifest["shards"])
                 if entry["complete"] and (self.folder / entry["file"]).exists()}
 
-    def open_shard(self, shard: Shard, schema: pa.Schema) -> ShardFile:
-        return ShardFile(self, shard, schema)
+    def open_shard(self, shard: Shard, schema: pa.Schema) -> ShardStream:
+        return ShardStream(self, shard, schema)
 
     def commit_shard(self, shard: Shard, rows: int, errors: list[tuple[str, str]]) -> None:
-        """Called by ``ShardFile.commit`` once the shard is renamed into place: errors, then the manifest marker."""
+        """Called by ``ShardStream.commit`` once the shard is renamed into place: errors, then the manifest marker."""
         errors_dir = self.folder / ERRORS_DIR
         errors_dir.mkdir(exist_ok=True)
         error_table = pa.table({"uid": [u for u, _ in errors], "error": [e for _, e in errors]}, schema=ERROR_SCHEMA)
@@ -195,3 +220,19 @@ class ScoredOutput:
         self.manifest["errors"] = errors.num_rows
         self.save()
         return errors
+
+    def per_source(self) -> dict[str, dict[str, float]]:
+        """Rows, mean relatedness and mean confidence per source, read back shard by shard (memory stays flat)."""
+        totals: dict[str, list[float]] = {}
+        for entry in self.manifest["shards"]:
+            table = pq.read_table(self.folder / entry["file"], columns=["source", "relatedness", "confidence"])
+            table = table.set_column(0, "source", table["source"].cast(pa.string()))
+            grouped = table.group_by("source").aggregate([("relatedness", "sum"), ("confidence", "sum"),
+                                                          ("source", "count")])
+            for row in grouped.to_pylist():
+                total = totals.setdefault(row["source"], [0, 0.0, 0.0])
+                total[0] += row["source_count"]
+                total[1] += row["relatedness_sum"]
+                total[2] += row["confidence_sum"]
+        return {source: {"rows": rows, "relatedness": related / rows, "confidence": confident / rows}
+                for source, (rows, related, confident) in totals.items()}

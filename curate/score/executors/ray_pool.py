@@ -27,10 +27,14 @@ from urllib.parse import urlsplit
 import numpy as np
 import pyarrow as pa
 
+from curate.device import pick_device
 from curate.errors import UserError
-from curate.score.output import Shard
+from curate.pools import PoolDataset, collate_samples, open_pool
+from curate.score.config import ScoreConfig
+from curate.score.executors.base import ScoringJob
+from curate.score.forward import BatchScorer, ForwardPass, PositionBatches, ScoredBatch, wants_autocast
 from curate.score.reference import Reference
-from curate.score.runner import BatchScorer, ForwardPass, ScoreConfig, ScoredBatch, ShardBatches, wants_autocast
+from curate.teachers import load_teacher, read_meta_file
 
 # Positions an actor scores per call: Ray Data costs ~20 ms a call, a GPU scores 256 images in ~10 ms.
 POSITIONS_PER_CALL = 1024
@@ -91,22 +95,16 @@ class BatchActor:
     (batch composition is what makes the rows identical to the local executor's)."""
 
     def __init__(self, cfg: ScoreConfig, fingerprint: str, reference: dict, schema: pa.Schema) -> None:
-        from curate.device import pick_device
-        from curate.pools import PoolDataset, open_pool
-        from curate.teachers import load_teacher, read_meta_file
-
         device = pick_device(cfg.device)
         teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device)
         if teacher.fingerprint != fingerprint:
             raise UserError(f"{cfg.teacher} on a Ray worker is not the driver's teacher: put the same file at the "
                             "same path on every node")
         self.dataset = PoolDataset(open_pool(cfg.pool, cfg.root, cfg.pool_options), teacher.spec.geometry())
-        forward = ForwardPass(teacher, device, wants_autocast(cfg, device), cfg.channels_last)
+        forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
         self.scorer = BatchScorer(forward, Reference.from_json(reference), schema)
 
     def __call__(self, work: dict[str, np.ndarray]) -> dict[str, list[Any]]:
-        from curate.pools import collate_samples
-
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "errors": [], "samples": []}
         for shard, start, stop in zip(work["shard"], work["start"], work["stop"]):
             batch = collate_samples([self.dataset[i] for i in range(int(start), int(stop))])
@@ -143,29 +141,38 @@ def actor_resources(ray, cfg: ScoreConfig) -> tuple[int, dict[str, float]]:
     return cfg.num_actors or max(1, cpus), {"num_cpus": 1}
 
 
-def ray_scored_batches(cfg: ScoreConfig, todo: list[Shard], fingerprint: str, reference: Reference,
-                       schema: pa.Schema) -> Iterator[ScoredBatch]:
-    ray = connect(cfg.address)
-    actors, resources = actor_resources(ray, cfg)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # the writer commits shards in pool order
-    context.enable_progress_bars = False  # the driver shows its own
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
-    work = [{"shard": p[0] // cfg.shard_rows, "start": p[0], "stop": p[-1] + 1}
-            for p in ShardBatches(todo, cfg.batch_size)]
-    # The actors get no --address (they are already on the cluster) and open the pool themselves.
-    actor_cfg = replace(cfg, address=None)
-    results = ray.data.from_items(work).map_batches(
-        BatchActor, fn_constructor_kwargs={"cfg": actor_cfg, "fingerprint": fingerprint,
-                                           "reference": reference.to_json(), "schema": schema},
-        batch_size=max(1, POSITIONS_PER_CALL // cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=actors),
-        **resources)
-    try:
-        for result in results.iter_rows():
-            errors = [(uid, reason) for uid, reason in json.loads(result["errors"])]
-            yield ScoredBatch(int(result["shard"]), _from_ipc(result["rows"]), errors, int(result["samples"]))
-    except ray.exceptions.RayError as err:
-        raise _user_error_inside(err) or err
+class RayExecutor:
+    """Connects on construction (a missing Ray or an unreachable cluster fails before any work)."""
+
+    def __init__(self, cfg: ScoreConfig) -> None:
+        self.cfg = cfg
+        self.ray = connect(cfg.address)
+
+    def scored_batches(self, job: ScoringJob) -> Iterator[ScoredBatch]:
+        cfg, ray = self.cfg, self.ray
+        actors, resources = actor_resources(ray, cfg)
+        context = ray.data.DataContext.get_current()
+        context.execution_options.preserve_order = True  # the writer commits shards in pool order
+        context.enable_progress_bars = False  # the driver shows its own
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        work = [{"shard": p[0] // cfg.shard_rows, "start": p[0], "stop": p[-1] + 1}
+                for p in PositionBatches(job.todo, cfg.batch_size)]
+        # The actors get no --address (they are already on the cluster) and open the pool themselves.
+        actor_cfg = replace(cfg, address=None)
+        results = ray.data.from_items(work).map_batches(
+            BatchActor, fn_constructor_kwargs={"cfg": actor_cfg, "fingerprint": job.teacher.fingerprint,
+                                               "reference": job.reference.to_json(), "schema": job.schema},
+            batch_size=max(1, POSITIONS_PER_CALL // cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=actors),
+            **resources)
+        try:
+            for result in results.iter_rows():
+                errors = [(uid, reason) for uid, reason in json.loads(result["errors"])]
+                yield ScoredBatch(int(result["shard"]), _from_ipc(result["rows"]), errors, int(result["samples"]))
+        except ray.exceptions.RayError as err:
+            user_error = _user_error_inside(err)
+            if user_error is None:
+                raise
+            raise user_error from None
 
 
 def _user_error_inside(err: BaseException) -> UserError | None:

@@ -1,0 +1,37 @@
+"""What `curate score` is asked to do: one dataclass, every default declared here, checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from curate.options import at_least
+
+
+@dataclass
+class ScoreConfig:
+    teacher: Path
+    pool: str
+    out: Path = Path("scored")
+    root: Path | None = None
+    pool_options: dict = field(default_factory=dict)
+    teacher_meta: Path | None = None
+    trust_pickle: bool = False
+    batch_size: int = 256
+    workers: int | None = None  # None: none for array-backed pools, one per core for decoded ones
+    shard_rows: int = 65536
+    limit: int | None = None
+    device: str = "auto"
+    autocast: bool | None = None  # None: on CUDA only
+    channels_last: bool = True
+    reference_count: int = 2048
+    seed: int = 0
+    executor: str = "local"  # where the teacher runs (curate/score/executors); not part of the output's identity
+    address: str | None = None  # ray: the cluster to join (default: $RAY_ADDRESS, else a local Ray)
+    num_actors: int | None = None  # ray: teachers running at once (default: one per GPU, else one per CPU)
+
+    def __post_init__(self) -> None:
+        at_least(1, batch_size=self.batch_size, shard_rows=self.shard_rows, limit=self.limit,
+                 num_actors=self.num_actors)
+        at_least(0, workers=self.workers)
+        at_least(64, reference_count=self.reference_count)

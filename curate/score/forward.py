@@ -1,0 +1,119 @@
+"""The teacher's side of scoring, shared by every executor and by the query stage's spot checks:
+normalise and run the probed teacher (``ForwardPass``), turn a decoded pool batch into scored rows
+(``BatchScorer``), the batches of pool positions a run is made of (``PositionBatches``), and the noise
+reference that standardises the indicators."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader
+
+from curate.models import channels_last_is_safe
+from curate.pools import PoolBatch, PoolDataset, collate_samples
+from curate.pools.generated import NoisePool
+from curate.score.indicators import INDICATORS, BatchScores, TeacherProbe
+from curate.score.output import Shard
+from curate.score.reference import Reference
+from curate.score.schema import record_batch
+from curate.teachers import Teacher
+
+
+def wants_autocast(autocast: bool | None, device: torch.device) -> bool:
+    """bf16/fp16 autocast: on CUDA unless switched off, on the CPU only when asked for."""
+    return device.type == "cuda" if autocast is None else autocast
+
+
+class ForwardPass:
+    """Normalise a uint8 batch on the device and run the probed teacher under inference mode."""
+
+    def __init__(self, teacher: Teacher, device: torch.device, autocast: bool, channels_last: bool) -> None:
+        self.model = teacher.model
+        compiled = isinstance(self.model, (torch.jit.ScriptModule, torch.fx.GraphModule))
+        channels_last = channels_last and (compiled or channels_last_is_safe(self.model, device))
+        if channels_last and not compiled:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.probe = TeacherProbe(self.model)
+        self.normalize = teacher.spec.normalize()
+        self.device = device
+        self.channels_last = channels_last
+        dtype = torch.bfloat16 if device.type == "cpu" or torch.cuda.is_bf16_supported() else torch.float16
+        self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else nullcontext()
+
+    def __call__(self, images: torch.Tensor) -> BatchScores:
+        x = self.normalize(images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), self.autocast:
+            return self.probe(x)
+
+
+class PositionBatches:
+    """Batches of pool positions that never cross a shard boundary, so a resumed run forms the same batches.
+    Ranges made on the fly: a plan of a billion rows costs nothing to hold."""
+
+    def __init__(self, shards: list[Shard], batch_size: int) -> None:
+        self.shards = shards
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[range]:
+        for shard in self.shards:
+            for start in range(shard.start, shard.stop, self.batch_size):
+                yield range(start, min(start + self.batch_size, shard.stop))
+
+    def __len__(self) -> int:
+        return sum(-(-(s.stop - s.start) // self.batch_size) for s in self.shards)
+
+
+class BatchScorer:
+    """A decoded pool batch -> its rows in the scored schema (None when no sample of it was readable)."""
+
+    def __init__(self, forward: ForwardPass, reference: Reference, schema: pa.Schema) -> None:
+        self.forward = forward
+        self.reference = reference
+        self.schema = schema
+
+    def __call__(self, batch: PoolBatch) -> pa.RecordBatch | None:
+        if not len(batch.indices):
+            return None
+        scores = self.forward(batch.images)
+        z = self.reference.standardize(scores.indicators)
+        return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
+                            self.reference.relatedness(z))
+
+
+@dataclass
+class ScoredBatch:
+    """What an executor hands the writer: the rows of one batch of ``shard`` and its unreadable samples."""
+
+    shard: int
+    rows: pa.RecordBatch | None
+    errors: list[tuple[str, str]]  # (uid, reason)
+    samples: int  # pool positions covered, readable or not
+
+
+def score_samples(teacher: Teacher, pool, indices=None) -> tuple[PoolBatch, BatchScores | None]:
+    """Read a handful of samples (all of ``pool`` by default) in the teacher's geometry and score them in one
+    CPU batch, outside a scoring run: seed images, spot checks. Scores are None when none could be read."""
+    dataset = PoolDataset(pool, teacher.spec.geometry(), indices)
+    batch = collate_samples([dataset[i] for i in range(len(dataset))])
+    if not len(batch.indices):
+        return batch, None
+    return batch, ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)(batch.images)
+
+
+def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: int, batch_size: int) -> Reference:
+    """Score ``count`` synthetic noise images: the reference every indicator is standardised against."""
+    spec = teacher.spec
+    noise = NoisePool(count=count, size=spec.image_size, channels=spec.in_channels, seed=seed, name="reference")
+    loader = DataLoader(PoolDataset(noise, spec.geometry()), batch_size=batch_size, collate_fn=collate_samples)
+    values: dict[str, list[torch.Tensor]] = {name: [] for name in INDICATORS}
+    for batch in loader:
+        scores = forward(batch.images)
+        for name in INDICATORS:
+            values[name].append(scores.indicators[name])
+    return Reference.fit({name: torch.cat(v) for name, v in values.items()})

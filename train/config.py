@@ -1,0 +1,122 @@
+"""What `train teacher` and `train distill` are asked to do: one dataclass each, every default declared here,
+checked when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from curate.errors import UserError
+from curate.models import MODELS
+from curate.options import at_least, one_of
+from train.losses import LOSSES
+from train.optim import OPTIMIZERS
+
+# How the shards' weight column is used: in the loss, as sampling probabilities, or not at all.
+WEIGHT_USES = ("none", "loss", "sample")
+# Options that change only speed: a --resume may change them and still continue bit for bit.
+SPEED_ONLY = {"workers"}
+
+
+@dataclass
+class DistillConfig:
+    shards: Path = Path("selected")
+    out: Path = Path("runs/distill")
+    student: str = "resnet8"
+    width: float = 0.5
+    teacher: Path | None = None  # online: the teacher labels every augmented view
+    loss: str = "kd"
+    temperature: float = 4.0
+    hard_weight: float = 0.0
+    feature_weight: float = 0.0
+    weighting: str = "loss"  # one of WEIGHT_USES
+    steps: int | None = None
+    epochs: float | None = None  # used when steps is not given (default 1)
+    batch_size: int = 128  # the global batch, split over the ranks
+    optimizer: str = "sgd"
+    lr: float | None = None  # default 0.05 for SGD, 2e-3 for AdamW
+    weight_decay: float = 5e-4
+    warmup_steps: int | None = None  # default 3% of the steps
+    crop_padding: int = 2
+    flip: bool = False
+    mixup: float = 0.0  # Beta(alpha, alpha) mixing between samples; needs --teacher for fresh targets
+    eval_dataset: str | None = None
+    eval_root: Path | None = None
+    eval_every: int = 500
+    eval_limit: int | None = None
+    log_every: int = 50
+    ckpt_every: int = 500
+    keep: int = 3
+    record_rows: bool = False  # write (step, epoch, row) of every sample trained on, per rank: rows-rank*.i64
+    window_groups: int = 8
+    lanes: int = 2  # reading streams per rank, interleaved batch by batch: part of the data order
+    workers: int | None = None  # reader processes, speed only (resume may change it); default: 0 on CPU, 4 on CUDA
+    device: str = "auto"
+    amp: bool = True  # CUDA only
+    compile: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        one_of(LOSSES, loss=self.loss)
+        one_of(WEIGHT_USES, weighting=self.weighting)
+        one_of(OPTIMIZERS, optimizer=self.optimizer)
+        if self.student not in MODELS:
+            raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}")
+        if self.mixup > 0 and self.teacher is None:
+            raise UserError("--mixup needs --teacher: mixed images need fresh teacher targets")
+        at_least(1, steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
+                 eval_limit=self.eval_limit, log_every=self.log_every, ckpt_every=self.ckpt_every, keep=self.keep,
+                 window_groups=self.window_groups, lanes=self.lanes)
+        at_least(0, warmup_steps=self.warmup_steps, workers=self.workers, crop_padding=self.crop_padding,
+                 mixup=self.mixup, hard_weight=self.hard_weight, feature_weight=self.feature_weight)
+        if self.epochs is not None and self.epochs <= 0:
+            raise UserError(f"--epochs {self.epochs} is not positive: give a number of passes > 0")
+        if self.width <= 0 or self.temperature <= 0:
+            raise UserError("--width and --temperature must be positive")
+
+    def resolved(self) -> dict[str, Any]:
+        """The options as JSON values: what config.json and every checkpoint record."""
+        return {f.name: str(v) if isinstance(v := getattr(self, f.name), Path) else v for f in fields(self)}
+
+
+@dataclass
+class TeacherConfig:
+    dataset: str
+    out: Path = Path("teacher.pt")
+    arch: str = "resnet8"
+    width: float = 1.0
+    root: Path | None = None
+    test_dataset: str | None = None
+    num_classes: int | None = None
+    in_channels: int | None = None
+    image_size: int | None = None
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    label_smoothing: float = 0.0
+    crop_padding: int = 2
+    flip: bool = True
+    limit: int | None = None
+    workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.arch not in MODELS:
+            raise UserError(f"unknown architecture {self.arch!r}: choose one of {', '.join(MODELS)}")
+        at_least(1, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, num_classes=self.num_classes,
+                 in_channels=self.in_channels, image_size=self.image_size)
+        at_least(0, crop_padding=self.crop_padding, workers=self.workers, warmup_epochs=self.warmup_epochs,
+                 label_smoothing=self.label_smoothing)
+
+    def test_pool_name(self) -> str:
+        if self.test_dataset:
+            return self.test_dataset
+        if self.dataset.endswith(".toml"):
+            raise UserError("a mixed training pool has no obvious test split: pass --test-dataset, e.g. "
+                            "fashion-mnist:test")
+        return f"{self.dataset.partition(':')[0]}:test"
