@@ -256,7 +256,7 @@ def test_where_and_sql_strategy_compose(scored: Path, tmp_path: Path) -> None:
     ({"strategy": "sql", "budget": 10, "query": "SELECT 'x:1' AS uid"}, "not in the scored pool"),
     ({"strategy": "sql", "budget": 10, "query": "SELECT source FROM scores"}, "uid column"),
     ({"strategy": "sql", "budget": 10, "query": "DELETE FROM classes"}, "only queries"),
-    ({"strategy": "magic", "budget": 10}, "unknown strategy"),
+    ({"strategy": "magic", "budget": 10}, "unknown --strategy"),
 ])
 def test_selection_errors(scored: Path, tmp_path: Path, options: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -353,7 +353,7 @@ def test_query_commands_chain_and_fail_in_one_line(scored: Path, tmp_path: Path,
         assert code == 0 and expected in " ".join(stdout.split()), (argv, stdout, err)
     for argv, message in [
         (["select", "--scored", s, "--strategy", "topk", "--budget", "99999", "--out", sel], "larger than"),
-        (["select", "--scored", s, "--strategy", "magic", "--budget", "5", "--out", sel], "unknown strategy"),
+        (["select", "--scored", s, "--strategy", "magic", "--budget", "5", "--out", sel], "unknown --strategy"),
         (["export", "--scored", s, "--selection", sel, "--out", out], "already exists"),
         (["export", "--scored", s, "--selection", sel, "--out", str(tmp_path / "x"), "--shard-rows", "100",
           "--row-group-rows", "64"], "not a multiple"),

@@ -4,6 +4,8 @@ dependencies flowing pipelines -> train -> curate, and the two central files kep
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,3 +106,9 @@ def test_only_the_command_line_and_pipelines_import_the_score_runner():
 @pytest.mark.parametrize("path", ["curate/score/runner.py", "train/distill.py"])
 def test_central_files_stay_short(path):
     assert len((REPO / path).read_text().splitlines()) < 250
+
+
+def test_the_trainer_reads_shards_without_duckdb():
+    code = "import sys, train.cli, train.distill; print('duckdb' in sys.modules, 'faiss' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.split() == ["False", "False"]

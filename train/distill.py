@@ -132,13 +132,13 @@ class Trainer:
         self.amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
         scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)  # not bf16
         self.state = TrainState(student, loss_fn, optimizer, cosine_with_warmup(optimizer, warmup, self.steps), scaler)
+        self.step_module: torch.nn.Module = DistillStep(student, loss_fn, cfg.compile)
         self.evaluator = Evaluator(cfg.eval_dataset, cfg.eval_root, self.spec, shards.num_classes, self.teacher,
                                    device, cfg.eval_limit) if cfg.eval_dataset and ranks.main else None
         self.stream = build_stream(cfg, shards, ranks)
 
     def start(self) -> None:
         """Wrap for DDP (after a resume: every rank starts from rank 0's weights) and open the run folder."""
-        self.step_module = DistillStep(self.state.student, self.state.loss_fn, self.cfg.compile)
         if self.ranks.world > 1:
             self.step_module = DistributedDataParallel(
                 self.step_module, device_ids=[self.device] if self.device.type == "cuda" else None)
