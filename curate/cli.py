@@ -140,6 +140,7 @@ def sql(
     classes (pred, class_name). Only the columns a query names are read from disk.
     Example: curate sql --scored scored/ "SELECT source, avg(relatedness) FROM scores GROUP BY source"
     """
+    from curate.atomic import temporary_name
     from curate.errors import UserError
     from curate.query.scored import ScoredPool
     from curate.query.sql import EXAMPLES, check_read_only, fetch, run_query, write_result
@@ -156,7 +157,9 @@ def sql(
         query = EXAMPLES[example][1]
     if query is None:
         raise UserError("give a query, e.g. \"SELECT count(*) FROM scores\", or --example NAME (--list-examples)")
-    con = ScoredPool.open(scored).connect(memory_limit=memory_limit)
+    # --out is written by DuckDB under a temporary name: the one file outside the pool it may touch
+    written = (temporary_name(out),) if out is not None else ()
+    con = ScoredPool.open(scored).connect(memory_limit=memory_limit, other_files=written)
     if out is not None:
         rows = write_result(con, check_read_only(con, query), out)
         Console().print(f"wrote {rows:,} rows to {out}")

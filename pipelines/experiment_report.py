@@ -92,7 +92,8 @@ def steps_to(curve_points: list[list[float]], target: float) -> int | None:
 def selection_quality(design: Design) -> dict[str, dict[str, Any]]:
     """Per pool and selection: rows, how much of it is the hidden Fashion-MNIST half (precision) and how much
     of that half it found (recall)."""
-    con = ScoredPool.open(design.scored("pool")).connect()
+    selections = [design.selection(arm, pool) for pool in POOLS for arm in ("uniform", "related")]
+    con = ScoredPool.open(design.scored("pool")).connect(other_files=tuple(selections))
     hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = '{HIDDEN_SOURCE}'").fetchone()[0]
     quality: dict[str, dict[str, Any]] = {}
     for pool in POOLS:

@@ -1,8 +1,10 @@
 """Datasets shipped as pickled batches: CIFAR-10/100 (python version) and downsampled ImageNet 32/64.
 
 Each batch file is a pickled dict with ``data`` (N x 3*S*S uint8, channel-planar)
-and labels. Batches are unpickled on demand, a couple at a time per process,
-so a pool over ImageNet64's 10 batch files never holds more than two of them.
+and labels, read by an unpickler that builds plain data and numpy arrays only
+(curate/pools/safe_pickle.py). Batches are unpickled on demand, a couple at a
+time per process, so a pool over ImageNet64's 10 batch files never holds more
+than two of them.
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import numpy as np
 from curate.errors import UserError
 from curate.pools.base import Pool, check_split
 from curate.pools.registry import default_root, register
+from curate.pools.safe_pickle import load_batch_pickle
 
 
 def load_batch(path: Path) -> dict[str, np.ndarray]:
     """Unpickle one batch file into ``{"data": N x C*S*S uint8, "labels": N int64}``; keys as str."""
     try:
-        with open(path, "rb") as f:
-            raw = pickle.load(f, encoding="latin1")
+        raw = load_batch_pickle(path)
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"batch file {path} disappeared: check --root") from None
     except Exception as err:  # a corrupt pickle can raise nearly anything
@@ -131,9 +135,11 @@ class Cifar100Pool(BatchPool):
         meta = self.files[0].parent / "meta"
         if not meta.is_file():
             return None
-        with open(meta, "rb") as f:
-            names = pickle.load(f, encoding="latin1").get("fine_label_names")
-        return list(names) if names else None
+        try:
+            names = load_batch_pickle(meta).get("fine_label_names")
+        except (pickle.UnpicklingError, EOFError, AttributeError, ValueError) as err:
+            raise UserError(f"{meta} is not a readable CIFAR-100 meta file ({err}): re-download it") from None
+        return [str(name) for name in names] if names else None
 
 
 class DownsampledImagenetPool(BatchPool):

@@ -106,7 +106,7 @@ def plot_composition(labels: list[str], pool_share: list[float], selected_share:
 
 def write_report(scored_folder: Path, out: Path, selection: Path | None = None) -> ReportSummary:
     scored = ScoredPool.open(scored_folder)
-    con = scored.connect()
+    con = scored.connect(other_files=(selection,) if selection is not None else ())
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

@@ -105,8 +105,12 @@ class ScoredPool:
     def shard_rows(self) -> list[int]:
         return [int(entry["rows"]) for entry in self.manifest["shards"]]
 
-    def connect(self, memory_limit: str | None = None, threads: int | None = None) -> duckdb.DuckDBPyConnection:
-        """An in-memory DuckDB connection with the views above; its configuration locked afterwards."""
+    def connect(self, memory_limit: str | None = None, threads: int | None = None,
+                other_files: tuple[Path, ...] = ()) -> duckdb.DuckDBPyConnection:
+        """An in-memory DuckDB connection with the views above, sealed: it reads this scored folder and the
+        ``other_files`` named (a selection to join, the temporary file of `curate sql --out`) and nothing else
+        on the machine or the network, installs and loads no extension, and its settings cannot be changed
+        back by a query."""
         con = duckdb.connect()
         if memory_limit:
             try:
@@ -120,4 +124,10 @@ class ScoredPool:
         con.execute(f"CREATE VIEW errors AS SELECT * FROM read_parquet({sql_string(str(errors))})")
         con.execute("CREATE TABLE classes (pred SMALLINT, class_name VARCHAR)")
         con.executemany("INSERT INTO classes VALUES (?, ?)", list(enumerate(self.class_names)))
+        con.execute(f"SET allowed_directories = [{sql_string(str(self.folder.resolve()) + '/')}]")
+        if other_files:
+            con.execute(f"SET allowed_paths = {sql_file_list([Path(f).resolve() for f in other_files])}")
+        for setting in ("enable_external_access", "autoinstall_known_extensions", "autoload_known_extensions"):
+            con.execute(f"SET {setting} = false")
+        con.execute("SET lock_configuration = true")
         return con

@@ -105,7 +105,8 @@ def write_result(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> int:
     def copy(temp: Path) -> None:
         target = sql_string(str(temp))
         try:
-            counted.append(con.execute(f"COPY ({query}) TO {target} ({options})").fetchall()[0][0])
+            # the newline ends a trailing `-- comment` of the query before the parenthesis closes
+            counted.append(con.execute(f"COPY ({query}\n) TO {target} ({options})").fetchall()[0][0])
         except duckdb.Error as err:
             raise UserError(f"query failed: {first_line(err)}") from None
 

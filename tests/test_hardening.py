@@ -1,0 +1,145 @@
+"""Untrusted input (issue 15): data files that try to run code, queries that try to read the machine, and bad
+input that must end in one line and exit code 2, never a traceback or a silently useless result."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.cli import main as curate_main
+from curate.errors import UserError
+from curate.pools import open_pool
+from curate.query.scored import ScoredPool
+from tests import formats
+
+
+class Payload:
+    """Unpickled with plain ``pickle``, this runs a shell command that leaves ``marker`` behind."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def run(main, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def crafted(kind: str, root: Path, marker: Path, rng) -> str:
+    """A pool of ``kind`` in its official layout whose first batch file carries the payload; the pool argument."""
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, 4)
+    if kind == "cifar10":
+        formats.write_cifar10(root, [(images, labels)], (images, labels))
+        formats.write_pickle(root / "cifar-10-batches-py" / "test_batch", {b"data": Payload(marker), b"labels": [0]})
+        return "cifar10:test"
+    if kind == "cifar100":
+        formats.write_cifar100(root, images, labels, [f"c{i}" for i in range(100)])
+        formats.write_pickle(root / "cifar-100-python" / "meta", {"fine_label_names": Payload(marker)})
+        return "cifar100"
+    formats.write_imagenet32(root, [(images, labels)])
+    formats.write_pickle(root / "train_data_batch_1", {"data": [Payload(marker)], "labels": [1]})
+    return kind
+
+
+# -- 1. pickled dataset batches run no code ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["cifar10", "cifar100", "imagenet32", "imagenet64"])
+def test_pickled_batches_that_run_code_are_refused(tmp_path: Path, rng, kind: str) -> None:
+    marker = tmp_path / "payload-ran"
+    pool_arg = crafted(kind, tmp_path / "data", marker, rng)
+    with pytest.raises(UserError, match="asks to run posix.system"):
+        assert open_pool(pool_arg, tmp_path / "data").class_names  # CIFAR-100 reads its meta file for these
+    assert not marker.exists()
+
+
+def test_score_refuses_a_crafted_batch_with_one_line(tmp_path: Path, rng, teacher_path: Path, capsys) -> None:
+    marker = tmp_path / "payload-ran"
+    pool_arg = crafted("cifar10", tmp_path / "data", marker, rng)
+    code, err = run(curate_main, ["score", "--teacher", str(teacher_path), "--pool", pool_arg, "--root",
+                                  str(tmp_path / "data"), "--out", str(tmp_path / "scored")], capsys)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "refused" in err, err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_real_batches_read_under_every_pickle_protocol(tmp_path: Path, rng, protocol: int) -> None:
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    batch = {b"data": formats.planar(images), b"labels": [1, 2, 3], b"batch_label": b"testing batch 1 of 1",
+             b"filenames": [b"a.png", b"b.png", b"c.png"]}
+    for name in ("data_batch_1", "test_batch"):
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    pool = open_pool("cifar10", tmp_path)
+    assert [pool.sample(i).label for i in range(3)] == [1, 2, 3]
+    assert np.array_equal(pool.sample(2).image.numpy().transpose(1, 2, 0), images[2])
+
+
+# -- 2. SQL reads the scored pool and nothing else -------------------------------------------------------------
+
+MACHINE_READS = [
+    "SELECT * FROM read_text('/etc/passwd')",
+    "SELECT content FROM read_text('/proc/self/environ')",
+    "SELECT * FROM read_blob('/etc/hostname')",
+    "SELECT * FROM glob('/etc/*')",
+    "SELECT * FROM read_csv('/etc/passwd', sep = ':')",
+    "SELECT * FROM read_csv('https://example.com/data.csv')",
+    "SELECT * FROM read_parquet('SCORED/../outside.parquet')",
+    "SELECT * FROM scores, (SELECT * FROM read_text('/etc/passwd'))",
+]
+
+
+@pytest.mark.parametrize("query", MACHINE_READS)
+def test_sql_cannot_read_the_machine_or_the_network(scored: Path, tmp_path: Path, monkeypatch, capsys,
+                                                    query: str) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # where DuckDB would install an extension for https://
+    secret = scored.parent / "outside.parquet"
+    pq.write_table(pa.table({"secret": ["s3cr3t"]}), secret)
+    code, err = run(curate_main, ["sql", "--scored", str(scored), query.replace("SCORED", str(scored))], capsys)
+    out = capsys.readouterr().out
+    assert code == 2 and err.startswith("error: query failed") and err.count("\n") == 1, err
+    assert "root:" not in out + err and "s3cr3t" not in out + err and "PATH=" not in out + err
+    assert not (tmp_path / ".duckdb").exists()
+
+
+@pytest.mark.parametrize("where", ["length((SELECT string_agg(content, '') FROM read_text('/etc/passwd'))) > 0",
+                                   "source IN (SELECT file FROM glob('/*'))"])
+def test_select_filters_cannot_read_the_machine(scored: Path, tmp_path: Path, capsys, where: str) -> None:
+    code, err = run(curate_main, ["select", "--scored", str(scored), "--strategy", "topk", "--budget", "5",
+                                  "--where", where, "--out", str(tmp_path / "sel.parquet")], capsys)
+    assert code == 2 and "Permission Error" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "sel.parquet").exists()
+
+
+def test_sql_settings_are_locked(scored: Path) -> None:
+    con = ScoredPool.open(scored).connect()
+    for statement in ("SET enable_external_access = true", "SET allowed_directories = ['/']",
+                      "SET autoinstall_known_extensions = true", "RESET lock_configuration"):
+        with pytest.raises(duckdb.Error, match="configuration"):
+            con.execute(statement)
+    assert con.execute("SELECT count(*) FROM scores").fetchone()[0] == ScoredPool.open(scored).rows
+
+
+def test_sql_out_still_writes_and_takes_a_trailing_comment(scored: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "per-source.parquet"
+    code, err = run(curate_main, ["sql", "--scored", str(scored), "--out", str(out),
+                                  "SELECT source, count(*) AS n FROM scores GROUP BY source -- per source"], capsys)
+    assert code == 0, err
+    assert pq.read_table(out).num_rows == len(ScoredPool.open(scored).connect().execute(
+        "SELECT DISTINCT source FROM scores").fetchall())
