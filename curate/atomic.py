@@ -6,6 +6,7 @@ dead run's leftovers (pid gone) from a live one's.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 from collections.abc import Callable
@@ -33,8 +34,29 @@ def process_exists(pid: int) -> bool:
     return True
 
 
+def remove_stale_temporaries(folder: Path, name: str | None = None) -> None:
+    """Temporary files and folders in ``folder`` left by killed runs (their pid no longer exists), for the
+    target ``name`` (default: any); a live run's are left alone."""
+    name = "*" if name is None else glob.escape(name)
+    for path in [*Path(folder).glob(f".{name}.tmp-*"), *Path(folder).glob(f".{name}.old-*")]:
+        pid = path.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not process_exists(int(pid)):
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+
+def reserve_space(path: Path) -> None:
+    """Give a sparse file (a fresh memory map) its disk blocks now: writing through a map into a hole on a full
+    disk kills the process with SIGBUS, where reserving raises ENOSPC, which becomes a one-line error."""
+    with open(path, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+
+
 def write_atomically(path: Path, write: Any) -> None:
     """Call ``write(temp_path)``, then rename over ``path``; on failure leave no file behind."""
+    remove_stale_temporaries(path.parent, path.name)
     temp = temporary_name(path)
     try:
         write(temp)
@@ -49,6 +71,7 @@ def write_atomically(path: Path, write: Any) -> None:
 
 def write_folder_atomically(path: Path, fill: Callable[[Path], None]) -> None:
     """Call ``fill(temp_folder)``, then swap the folder in for ``path`` (replacing an older one)."""
+    remove_stale_temporaries(path.parent, path.name)
     temp = temporary_name(path)
     shutil.rmtree(temp, ignore_errors=True)
     try:

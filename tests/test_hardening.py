@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import duckdb
@@ -143,3 +145,47 @@ def test_sql_out_still_writes_and_takes_a_trailing_comment(scored: Path, tmp_pat
     assert code == 0, err
     assert pq.read_table(out).num_rows == len(ScoredPool.open(scored).connect().execute(
         "SELECT DISTINCT source FROM scores").fetchall())
+
+
+# -- 3. export on a full disk, and what a killed export leaves ------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 512 KiB tmpfs (needs root, as CI runs; skipped elsewhere)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def uniform_selection(scored: Path, out: Path, budget: int, capsys) -> Path:
+    code, err = run(curate_main, ["select", "--scored", str(scored), "--strategy", "uniform", "--budget", str(budget),
+                                  "--out", str(out)], capsys)
+    assert code == 0, err
+    return out
+
+
+def test_export_onto_a_full_disk_is_one_line_and_leaves_nothing(scored: Path, small_disk: Path, tmp_path: Path,
+                                                                capsys) -> None:
+    selection = uniform_selection(scored, tmp_path / "sel.parquet", 1500, capsys)  # 1.1 MiB of 28x28 pixels
+    result = subprocess.run([sys.executable, "-m", "curate", "export", "--scored", str(scored), "--selection",
+                             str(selection), "--out", str(small_disk / "selected")], capture_output=True, text=True)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])  # was -7: SIGBUS
+    assert result.stderr.startswith("error: cannot write") and result.stderr.count("\n") == 1, result.stderr
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next(scored: Path, tmp_path: Path, capsys) -> None:
+    selection = uniform_selection(scored, tmp_path / "sel.parquet", 50, capsys)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    leftover = tmp_path / f".selected.tmp-{int(dead.stdout)}"  # as a SIGKILL leaves it: that pid is gone
+    leftover.mkdir()
+    (leftover / "pixels.tmp.npy").write_bytes(b"\0" * 1000)
+    code, err = run(curate_main, ["export", "--scored", str(scored), "--selection", str(selection), "--out",
+                                  str(tmp_path / "selected")], capsys)
+    assert code == 0, err
+    assert not leftover.exists() and (tmp_path / "selected" / "_manifest.json").exists()

@@ -30,7 +30,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from curate.atomic import write_folder_atomically
+from curate.atomic import reserve_space, write_folder_atomically
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
 from curate.query.config import ExportConfig
@@ -200,6 +200,7 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     positions = rows["position"].to_numpy()
     read_order = np.argsort(positions, kind="stable")  # output row of the k-th image read
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows.num_rows, *spec.shape()))
+    reserve_space(path)
     loader = DataLoader(PoolDataset(pool, spec.geometry(), positions[read_order]), batch_size=cfg.row_group_rows,
                         num_workers=workers, collate_fn=collate_samples, prefetch_factor=4 if workers else None)
     columns = [TextColumn("[bold]reading the pool"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]

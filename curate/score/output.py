@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.atomic import process_exists, temporary_name, write_atomically, write_error
+from curate.atomic import remove_stale_temporaries, temporary_name, write_atomically, write_error
 from curate.errors import UserError
 
 FORMAT = "curate.scored/1"
@@ -205,10 +205,8 @@ class ScoredOutput:
 
     def remove_stale_temporaries(self) -> None:
         """Temporary files left by killed runs (their pid no longer exists); a live run's are left alone."""
-        for path in list(self.folder.glob(".*.tmp-*")) + list(self.folder.glob(f"{ERRORS_DIR}/.*.tmp-*")):
-            pid = path.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not process_exists(int(pid)):
-                path.unlink(missing_ok=True)
+        remove_stale_temporaries(self.folder)
+        remove_stale_temporaries(self.folder / ERRORS_DIR)
 
     def finish(self) -> pa.Table:
         """Gather the per-shard error files into ``_errors.parquet`` and mark the run complete."""
