@@ -19,7 +19,11 @@ from curate.cli import main as curate_main
 from curate.errors import UserError
 from curate.pools import open_pool
 from curate.query.scored import ScoredPool
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
 from tests import formats
+from train.config import DistillConfig
+from train.distill import distill
 
 
 class Payload:
@@ -189,3 +193,38 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next(scored: Path, tmp_pa
                                   str(tmp_path / "selected")], capsys)
     assert code == 0, err
     assert not leftover.exists() and (tmp_path / "selected" / "_manifest.json").exists()
+
+
+# -- 4. one run per folder -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def held_folder(tmp_path: Path):
+    """A run folder held by another process, as a running `curate score` or `train distill` holds it."""
+    folder = tmp_path / "busy"
+    code = (f"import sys, time; from curate.locks import FolderLock; lock = FolderLock({str(folder)!r}).__enter__(); "
+            "print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    yield folder, holder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_second_score_into_a_folder_in_use_is_refused(held_folder, teacher_path: Path) -> None:
+    folder, holder = held_folder
+    with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+        score_pool(ScoreConfig(teacher=teacher_path, pool="digits", out=folder, workers=0, limit=64))
+    assert not (folder / "_manifest.json").exists()
+
+
+def test_a_second_distill_into_a_folder_in_use_is_refused_until_the_holder_dies(held_folder,
+                                                                                selected: Path) -> None:
+    folder, holder = held_folder
+    cfg = DistillConfig(shards=selected, out=folder, steps=2, batch_size=16, workers=0, device="cpu")
+    with pytest.raises(UserError, match=f"in use by another run \\(pid {holder.pid}\\)"):
+        distill(cfg)
+    assert not (folder / "metrics.jsonl").exists() and not (folder / "config.json").exists()
+    holder.kill()  # SIGKILL: the kernel drops its lock, nothing stale is left
+    holder.wait()
+    assert distill(cfg)["steps"] == 2

@@ -22,6 +22,7 @@ import itertools
 import json
 import math
 import os
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from curate.errors import UserError
+from curate.locks import FolderLock
 from curate.models import build_model, channels_last_is_safe
 from curate.selected import CuratedShards
 from curate.spec import InputSpec
@@ -71,9 +73,8 @@ def total_steps(cfg: DistillConfig, shards: CuratedShards) -> int:
 
 
 def reader_workers(cfg: DistillConfig, device: torch.device) -> int:
-    """On CPU the training step already uses every core and reading a batch in-process costs about 1% of
-    it, so worker processes would only compete with it (benchmarks/train_throughput.py); on CUDA they keep
-    the GPU fed."""
+    """None on CPU: the step uses every core and reading in-process costs ~1% of it (benchmarks/
+    train_throughput.py), so workers would only compete; on CUDA they keep the GPU fed."""
     if cfg.workers is not None:
         return cfg.workers
     return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
@@ -93,12 +94,11 @@ class DistillStep(torch.nn.Module):
         super().__init__()
         self.student = student
         self.loss_fn = loss_fn
-        self.embed = torch.compile(student.features) if compile else student.features
+        self.embed = torch.compile(student.features) if compile else student.features  # the head stays eager
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
                 teacher_embedding: torch.Tensor | None) -> tuple[LossTerms, torch.Tensor]:
-        features = self.embed(inputs)
-        logits = self.student.classifier(features)
+        logits = self.student.classifier(features := self.embed(inputs))
         return self.loss_fn(logits.float(), targets, weights, features, teacher_embedding), logits
 
 
@@ -234,15 +234,16 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.batch_size % ranks.world:
         raise UserError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
                         f"{ranks.world} processes: use a multiple of {ranks.world}")
-    trainer = Trainer(cfg, ranks)
-    if resume:
-        trainer.state.load_state_dict(checkpoint_on_every_rank(cfg, ranks), ranks)
-    elif ranks.main and checkpoint_paths(cfg.out):
-        raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose a new --out")
-    trainer.start()
-    trainer.train()
-    if ranks.world > 1:
-        dist.barrier()  # no rank leaves while rank 0 may still need it
-    if ranks.main:
-        trainer.save_student()
+    with FolderLock(cfg.out) if ranks.main else nullcontext():  # rank 0 writes the run folder, one run at a time
+        trainer = Trainer(cfg, ranks)
+        if resume:
+            trainer.state.load_state_dict(checkpoint_on_every_rank(cfg, ranks), ranks)
+        elif ranks.main and checkpoint_paths(cfg.out):
+            raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose a new --out")
+        trainer.start()
+        trainer.train()
+        if ranks.world > 1:
+            dist.barrier()  # no rank leaves while rank 0 may still need it
+        if ranks.main:
+            trainer.save_student()
     return {"steps": trainer.steps, "history": trainer.state.history, "student": cfg.out / "student.pt"}

@@ -16,6 +16,7 @@ import torch
 
 from curate.device import pick_device
 from curate.errors import UserError
+from curate.locks import FolderLock
 from curate.pools import open_pool
 from curate.score.config import ScoreConfig
 from curate.score.executors import ScoringJob, make_executor
@@ -49,39 +50,40 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
         raise UserError(f"pool {cfg.pool} has no samples to score: check --pool and --root")
     shards = plan_shards(rows, cfg.shard_rows)
 
-    output = ScoredOutput(cfg.out)
-    identity = {
-        "teacher": {"fingerprint": teacher.fingerprint, "meta": teacher.meta},
-        "pool": {"arg": cfg.pool, "options": cfg.pool_options, "description": pool.describe()},
-        "settings": {"shard_rows": cfg.shard_rows, "batch_size": cfg.batch_size, "limit": cfg.limit,
-                     "reference_count": cfg.reference_count, "seed": cfg.seed, "rows": rows},
-    }
-    output.open(identity, shards)
-    if cfg.root is not None:
-        output.note_pool_root(cfg.root)
-    done = output.complete_shards()
-    todo = [s for s in shards if s.index not in done]
+    with FolderLock(cfg.out):  # one run writes a scored folder at a time
+        output = ScoredOutput(cfg.out)
+        identity = {
+            "teacher": {"fingerprint": teacher.fingerprint, "meta": teacher.meta},
+            "pool": {"arg": cfg.pool, "options": cfg.pool_options, "description": pool.describe()},
+            "settings": {"shard_rows": cfg.shard_rows, "batch_size": cfg.batch_size, "limit": cfg.limit,
+                         "reference_count": cfg.reference_count, "seed": cfg.seed, "rows": rows},
+        }
+        output.open(identity, shards)
+        if cfg.root is not None:
+            output.note_pool_root(cfg.root)
+        done = output.complete_shards()
+        todo = [s for s in shards if s.index not in done]
 
-    forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
-    if output.reference is None:
-        reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
-        output.record_reference(reference.to_json(), {
-            "path": str(cfg.teacher), "format": teacher.format, "batchnorm_layers": forward.probe.batchnorm_layers,
-            "indicators": reference.available(), "relatedness": reference.relatedness_terms()})
-    reference = Reference.from_json(output.reference)
+        forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
+        if output.reference is None:
+            reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
+            output.record_reference(reference.to_json(), {
+                "path": str(cfg.teacher), "format": teacher.format, "batchnorm_layers": forward.probe.batchnorm_layers,
+                "indicators": reference.available(), "relatedness": reference.relatedness_terms()})
+        reference = Reference.from_json(output.reference)
 
-    metadata = {"format": output.manifest["format"], "teacher_fingerprint": teacher.fingerprint,
-                "class_names": teacher.class_names, "input_spec": teacher.spec.to_meta(),
-                "pool": cfg.pool, "code_version": output.manifest["code_version"]}
-    schema = scored_schema(teacher.num_classes, _embedding_dim(forward, teacher), metadata)
-    output.record_columns(schema.names)
+        metadata = {"format": output.manifest["format"], "teacher_fingerprint": teacher.fingerprint,
+                    "class_names": teacher.class_names, "input_spec": teacher.spec.to_meta(),
+                    "pool": cfg.pool, "code_version": output.manifest["code_version"]}
+        schema = scored_schema(teacher.num_classes, _embedding_dim(forward, teacher), metadata)
+        output.record_columns(schema.names)
 
-    if todo:
-        job = ScoringJob(cfg, todo, pool, teacher, forward, reference, schema)
-        write_scored(output, schema, todo, executor.scored_batches(job))
-    errors = output.finish()
-    return ScoreSummary(cfg.out, output.rows, errors.num_rows, len(todo), len(shards) - len(todo),
-                        time.perf_counter() - started, output.per_source())
+        if todo:
+            job = ScoringJob(cfg, todo, pool, teacher, forward, reference, schema)
+            write_scored(output, schema, todo, executor.scored_batches(job))
+        errors = output.finish()
+        return ScoreSummary(cfg.out, output.rows, errors.num_rows, len(todo), len(shards) - len(todo),
+                            time.perf_counter() - started, output.per_source())
 
 
 def _embedding_dim(forward: ForwardPass, teacher: Teacher) -> int | None:
