@@ -6,6 +6,7 @@ dead run's leftovers (pid gone) from a live one's.
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
 import shutil
@@ -21,7 +22,22 @@ def temporary_name(path: Path) -> Path:
 
 
 def write_error(path: Path, err: OSError) -> UserError:
-    return UserError(f"cannot write {path} ({err.strerror or err}): free disk space or choose another --out")
+    fix = "free disk space or choose another --out" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+        "choose a writable --out"
+    return UserError(f"cannot write {path} ({err.strerror or err}): {fix}")
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work, in one line, when the file ``path`` could not be written: its folder is created if
+    missing and must take a new file (a read-only filesystem, a file where a folder should be)."""
+    folder = Path(path).parent
+    probe = folder / f".write-check.tmp-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise write_error(path, err) from None
 
 
 def process_exists(pid: int) -> bool:

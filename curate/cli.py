@@ -140,7 +140,7 @@ def sql(
     classes (pred, class_name). Only the columns a query names are read from disk.
     Example: curate sql --scored scored/ "SELECT source, avg(relatedness) FROM scores GROUP BY source"
     """
-    from curate.atomic import temporary_name
+    from curate.atomic import check_writable, temporary_name
     from curate.errors import UserError
     from curate.query.scored import ScoredPool
     from curate.query.sql import EXAMPLES, check_read_only, fetch, run_query, write_result
@@ -159,6 +159,8 @@ def sql(
         raise UserError("give a query, e.g. \"SELECT count(*) FROM scores\", or --example NAME (--list-examples)")
     # --out is written by DuckDB under a temporary name: the one file outside the pool it may touch
     written = (temporary_name(out),) if out is not None else ()
+    if out is not None:
+        check_writable(out)
     con = ScoredPool.open(scored).connect(memory_limit=memory_limit, other_files=written)
     if out is not None:
         rows = write_result(con, check_read_only(con, query), out)

@@ -15,6 +15,7 @@ by the caller (``--teacher-meta``) win over what the file holds.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import pickle
 import warnings
@@ -26,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from curate.atomic import write_atomically
+from curate.atomic import check_writable, write_atomically
 from curate.errors import UserError
 from curate.models import build_model
 from curate.spec import InputSpec
@@ -70,7 +71,7 @@ def save_model(model: nn.Module, meta: dict[str, Any], path: Path | str, format:
     """Write a teacher or a student, ``model`` with ``meta``, in one of the four teacher formats (anything saved
     so loads as a teacher); ``arch`` is needed for checkpoints."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path)
     model = model.eval()
     meta_bytes = json.dumps(meta).encode()
     if format not in FORMATS:
@@ -78,25 +79,37 @@ def save_model(model: nn.Module, meta: dict[str, Any], path: Path | str, format:
     if format == "checkpoint" and arch is None:
         raise ValueError("a checkpoint needs the registry name of its architecture (arch=...)")
 
-    def write(target: Path) -> None:
-        if format == "checkpoint":
-            torch.save({"arch": arch, "arch_options": arch_options or {}, "state_dict": model.state_dict(),
-                        "meta": meta}, target)
-        elif format == "torchscript":
-            with warnings.catch_warnings():  # TorchScript is deprecated; it is still a format users hand us
-                warnings.simplefilter("ignore", FutureWarning)
-                torch.jit.save(torch.jit.script(model), str(target), _extra_files={META_FILE: meta_bytes})
-        elif format == "export":
-            spec = InputSpec.from_meta(meta)
-            example = torch.zeros(2, *spec.shape())
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-            with open(target, "wb") as f:  # a file object: the temporary name need not end in .pt2
-                torch.export.save(program, f, extra_files={META_FILE: meta_bytes.decode()})
-        else:
-            torch.save(model, target)
-
-    write_atomically(path, write)  # a run killed while saving leaves the previous file or none, never half of one
+    buffer = io.BytesIO()
+    if format == "checkpoint":
+        torch.save({"arch": arch, "arch_options": arch_options or {}, "state_dict": model.state_dict(), "meta": meta},
+                   buffer)
+    elif format == "torchscript":
+        with warnings.catch_warnings():  # TorchScript is deprecated; it is still a format users hand us
+            warnings.simplefilter("ignore", FutureWarning)
+            torch.jit.save(torch.jit.script(model), buffer, _extra_files={META_FILE: meta_bytes})
+    elif format == "export":
+        spec = InputSpec.from_meta(meta)
+        example = torch.zeros(2, *spec.shape())
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, buffer, extra_files={META_FILE: meta_bytes.decode()})
+    else:
+        torch.save(model, buffer)
+    write_bytes(path, buffer)
     return path
+
+
+def save_state(state: Any, path: Path) -> None:
+    """``torch.save(state)`` to ``path``, whole or not at all (a distillation checkpoint)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer)
+
+
+def write_bytes(path: Path, buffer: io.BytesIO) -> None:
+    """Serialised in memory first: torch's own file writer reports a full disk as an opaque RuntimeError, a
+    plain write as ENOSPC, which becomes a one-line error. A run killed while writing leaves the previous file
+    or none, never half of one."""
+    write_atomically(path, lambda target: target.write_bytes(buffer.getbuffer()))
 
 
 def _zip_names(path: Path) -> list[str]:
@@ -235,4 +248,4 @@ def read_meta_file(path: Path | str | None) -> dict[str, Any]:
 
 
 __all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "load_teacher",
-           "read_meta_file", "save_model"]
+           "read_meta_file", "save_model", "save_state"]

@@ -154,16 +154,24 @@ def test_sql_out_still_writes_and_takes_a_trailing_comment(scored: Path, tmp_pat
 # -- 3. export on a full disk, and what a killed export leaves ------------------------------------------------
 
 
+def tmpfs(mount: Path, options: str):
+    """A tmpfs mounted at ``mount`` (needs root, as CI runs; the test is skipped elsewhere), unmounted after."""
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    yield mount
+    subprocess.run(["umount", "--lazy", str(mount)], check=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path):
-    """A 512 KiB tmpfs (needs root, as CI runs; skipped elsewhere)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield from tmpfs(tmp_path / "small-disk", "size=512k")
+
+
+@pytest.fixture
+def read_only(tmp_path: Path):
+    yield from tmpfs(tmp_path / "read-only", "ro,size=1m")
 
 
 def uniform_selection(scored: Path, out: Path, budget: int, capsys) -> Path:
@@ -228,3 +236,36 @@ def test_a_second_distill_into_a_folder_in_use_is_refused_until_the_holder_dies(
     holder.kill()  # SIGKILL: the kernel drops its lock, nothing stale is left
     holder.wait()
     assert distill(cfg)["steps"] == 2
+
+
+# -- 5. unwritable outputs fail before the work, full disks in one line -----------------------------------------
+
+
+def test_read_only_outputs_fail_before_any_work(read_only: Path, scored: Path, selected: Path, mnist_root: Path,
+                                                capsys) -> None:
+    from train.cli import main as train_main
+
+    commands = [
+        (curate_main, ["select", "--scored", str(scored), "--strategy", "topk", "--budget", "5",
+                       "--out", str(read_only / "sel.parquet")]),
+        (curate_main, ["sql", "--scored", str(scored), "--out", str(read_only / "x.parquet"), "SELECT 1 AS one"]),
+        (curate_main, ["export", "--scored", str(scored), "--selection", str(scored.parent / "none.parquet"),
+                       "--out", str(read_only / "selected")]),
+        (train_main, ["distill", "--shards", str(selected), "--out", str(read_only / "run"), "--steps", "2",
+                      "--batch-size", "16", "--device", "cpu"]),
+        (train_main, ["teacher", "--dataset", "mnist", "--root", str(mnist_root), "--epochs", "50",
+                      "--out", str(read_only / "teacher.pt"), "--device", "cpu"]),  # 50 epochs: fails first
+    ]
+    for main, argv in commands:
+        code, err = run(main, argv, capsys)
+        assert code == 2 and err.startswith("error: cannot write") and err.count("\n") == 1, (argv, err)
+        assert "Read-only file system" in err and "choose a writable --out" in err, err
+    assert list(read_only.iterdir()) == []
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line(small_disk: Path, selected: Path) -> None:
+    cfg = DistillConfig(shards=selected, out=small_disk / "run", steps=4, batch_size=16, ckpt_every=1, keep=4,
+                        workers=0, device="cpu")
+    with pytest.raises(UserError, match="cannot write .*ckpt-.*No space left on device.*free disk space"):
+        distill(cfg)
+    assert not [p for p in (small_disk / "run").iterdir() if ".tmp-" in p.name]

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from curate.atomic import write_atomically
 from curate.errors import UserError
+from curate.teachers import save_state
 from train.config import SPEED_ONLY, DistillConfig
 from train.losses import DistillLoss
 from train.ranks import Ranks, from_main
@@ -24,7 +24,7 @@ def checkpoint_paths(out: Path) -> list[Path]:
 
 
 def save_checkpoint(out: Path, step: int, state: dict[str, Any], keep: int) -> None:
-    write_atomically(out / f"ckpt-{step:08d}.pt", lambda path: torch.save(state, path))
+    save_state(state, out / f"ckpt-{step:08d}.pt")
     for old in checkpoint_paths(out)[:-keep]:
         old.unlink(missing_ok=True)
 

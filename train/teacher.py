@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from curate.atomic import check_writable
 from curate.device import pick_device
 from curate.errors import UserError
 from curate.models import build_model, channels_last_is_safe
@@ -28,6 +29,7 @@ from train.optim import cosine_with_warmup
 
 def train_teacher(cfg: TeacherConfig) -> dict:
     """Train, evaluate on the test split, save the checkpoint; returns the saved meta."""
+    check_writable(cfg.out)  # before the training, not after it
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device)
     started = time.perf_counter()

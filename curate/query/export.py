@@ -30,7 +30,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from curate.atomic import reserve_space, write_folder_atomically
+from curate.atomic import check_writable, reserve_space, write_folder_atomically
 from curate.errors import UserError
 from curate.pools import PoolDataset, collate_samples, open_pool
 from curate.query.config import ExportConfig
@@ -147,10 +147,11 @@ def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndar
 
 def export_selection(cfg: ExportConfig) -> ExportSummary:
     started = time.perf_counter()
+    if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())):
+        raise UserError(f"{cfg.out} already exists and is not an empty folder: choose a new --out or delete it")
+    check_writable(cfg.out)
     scored = ScoredPool.open(cfg.scored)
     selection, provenance = read_selection(cfg.selection, scored)
-    if cfg.out.exists() and any(cfg.out.iterdir()):
-        raise UserError(f"{cfg.out} already exists and is not empty: choose a new --out or delete it")
     stored_root = scored.manifest.get("pool_root")
     pool = reopen_pool(scored, cfg.root or (Path(stored_root) if stored_root else None))
     rows = locate(scored, pool, selection, cfg.embedding)

@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from curate.atomic import write_atomically
+from curate.atomic import check_writable, write_atomically
 from curate.errors import UserError
 from curate.query.config import SelectConfig
 from curate.query.index import embeddings_of
@@ -94,6 +94,7 @@ class Selector:
 
     def __init__(self, cfg: SelectConfig) -> None:
         self.cfg = cfg
+        check_writable(cfg.out)
         self.scored = ScoredPool.open(cfg.scored)
         self.con = self.scored.connect(memory_limit=cfg.memory_limit)
         self.dedup = cfg.dedup if cfg.dedup is not None else (0.98 if cfg.strategy == "diverse" else None)
