@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from curate.cli import main as curate_main
 from curate.errors import UserError
@@ -269,3 +270,56 @@ def test_a_checkpoint_on_a_full_disk_is_one_line(small_disk: Path, selected: Pat
     with pytest.raises(UserError, match="cannot write .*ckpt-.*No space left on device.*free disk space"):
         distill(cfg)
     assert not [p for p in (small_disk / "run").iterdir() if ".tmp-" in p.name]
+
+
+# -- 6. bad pool files and options ------------------------------------------------------------------------------
+
+
+def test_a_decompression_bomb_is_one_recorded_error_not_the_end_of_the_run(tmp_path: Path, teacher_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (20000, 20000)).save(folder / "bomb.png", optimize=True)  # 400 Mpixel in a few hundred KB
+    for i in range(3):
+        Image.new("RGB", (40, 30), (60 * i, 20, 200)).save(folder / f"ok{i}.png")
+    out = tmp_path / "scored"
+    summary = score_pool(ScoreConfig(teacher=teacher_path, pool="folder", root=folder, out=out, workers=0,
+                                     reference_count=64))
+    assert (summary.rows, summary.errors) == (3, 1)
+    errors = pq.read_table(out / "_errors.parquet").to_pylist()
+    assert errors[0]["uid"].endswith(":bomb.png") and "DecompressionBombError" in errors[0]["error"]
+
+
+def test_a_truncated_npy_is_refused_at_open(tmp_path: Path) -> None:
+    np.save(tmp_path / "a.npy", np.zeros((100, 28, 28), np.uint8))
+    data = (tmp_path / "a.npy").read_bytes()
+    (tmp_path / "cut.npy").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated: 49 of the 100 records"):
+        open_pool("npy", tmp_path / "cut.npy")
+
+
+@pytest.mark.parametrize(("kind", "options", "message"), [
+    ("noise", {"count": -5}, "count=-5 of noise must be at least 1"),
+    ("noise", {"count": "many"}, "count='many' of noise is not a whole number"),
+    ("noise", {"size": 0}, "size=0 of noise must be at least 1"),
+    ("glyphs", {"size": "big"}, "size='big' of glyphs is not a whole number"),
+    ("folder", {"max_side": 0}, "max_side=0 of folder must be at least 1"),
+    ("patches", {"count": 2.5}, "count=2.5 of patches is not a whole number"),
+    ("glyphs", {"invert": "yes"}, "invert='yes' of glyphs is not true or false"),
+])
+def test_pool_options_are_checked_at_open(tmp_path: Path, kind: str, options: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        open_pool(kind, tmp_path, options)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ('[[source]]\nkind = "digits"\ncount = -5\n', "count = -5 is not a whole number >= 1"),
+    ('[[source]]\nkind = "digits"\nstart = "10"\n', "start = '10' is not a whole number >= 0"),
+    ('sed = 3\n[[source]]\nkind = "digits"\n', "unknown top-level key sed"),
+    ('seed = "zero"\n[[source]]\nkind = "digits"\n', "seed = 'zero' is not a whole number"),
+    ('[[source]]\nkind = "digits"\ncolour = "red"\n', "has no option colour"),
+])
+def test_mix_specs_are_checked_at_open(tmp_path: Path, spec: str, message: str) -> None:
+    path = tmp_path / "mix.toml"
+    path.write_text(spec)
+    with pytest.raises(UserError, match=message):
+        open_pool(str(path))

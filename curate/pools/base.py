@@ -46,6 +46,8 @@ class Pool(abc.ABC):
     kind: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[dict[str, str]] = {}
+    # options of any kind that count something or give a side in pixels: checked >= 1 at open
+    positive_options: ClassVar[frozenset[str]] = frozenset({"count", "size", "max_side", "channels"})
     root_help: ClassVar[str] = "folder holding the dataset's files"
     _transient: ClassVar[tuple[str, ...]] = ()
 

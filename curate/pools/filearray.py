@@ -61,4 +61,9 @@ def npy_array(path: Path) -> FileArray:
         offset = f.tell()
     if fortran_order:
         raise ValueError("Fortran-ordered arrays are not supported: save with np.ascontiguousarray")
-    return FileArray(path, dtype, shape, offset)
+    array = FileArray(path, dtype, shape, offset)
+    size = Path(path).stat().st_size
+    if size < offset + len(array) * array.record_bytes:
+        complete = max(0, size - offset) // max(array.record_bytes, 1)
+        raise ValueError(f"truncated: {complete:,} of the {len(array):,} records its header announces are there")
+    return array

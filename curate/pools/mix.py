@@ -35,9 +35,10 @@ import torch
 
 from curate.errors import UserError
 from curate.pools.base import Pool, Sample
-from curate.pools.registry import POOL_KINDS, default_root, make_pool, register
+from curate.pools.registry import POOL_KINDS, default_root, fits_type, make_pool, register, type_name
 
 _MIX_KEYS = {"kind", "name", "root", "start", "stop", "count"}
+_SPEC_KEYS = {"name": str, "seed": int, "scale": float, "source": list[dict]}  # the spec's top level
 
 
 @dataclass
@@ -92,8 +93,15 @@ class MixPool(Pool):
             self.spec = tomllib.loads(self.spec_path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"pool spec {self.spec_path} is not valid TOML ({err}): fix the file") from None
+        unknown = sorted(set(self.spec) - set(_SPEC_KEYS))
+        if unknown:
+            raise UserError(f"pool spec {self.spec_path}: unknown top-level key {', '.join(unknown)}: it takes "
+                            f"{', '.join(_SPEC_KEYS)} (options of a source go in its [[source]] table)")
+        for key, hint in _SPEC_KEYS.items():
+            if key in self.spec and not fits_type(self.spec[key], hint):
+                raise UserError(f"pool spec {self.spec_path}: {key} = {self.spec[key]!r} is not {type_name(hint)}")
         entries = self.spec.get("source")
-        if not isinstance(entries, list) or not entries:
+        if not entries:
             raise UserError(f"pool spec {self.spec_path} has no [[source]] tables: add at least one")
         self.source = str(self.spec.get("name", self.spec_path.stem))
         seed = int(self.spec.get("seed", 0))
@@ -115,9 +123,16 @@ class MixPool(Pool):
 
     def _open_source(self, entry: dict, base: Path, seed: int, scale: float) -> MixSource:
         kind = entry.get("kind")
-        if kind not in POOL_KINDS or kind == "mix":
+        if not isinstance(kind, str) or kind not in POOL_KINDS or kind == "mix":
             raise UserError(f"pool spec {self.spec_path}: source kind {kind!r} unknown; run `curate pools`")
         entry.setdefault("name", kind)
+        for key, hint, minimum in (("name", str, None), ("root", str, None), ("start", int, 0), ("stop", int, 0),
+                                   ("count", int, 1)):
+            value = entry.get(key)
+            if value is not None and (not fits_type(value, hint) or (minimum is not None and value < minimum)):
+                at_least = f" >= {minimum}" if minimum is not None else ""
+                raise UserError(f"source {entry['name']!r} of {self.spec_path}: {key} = {value!r} is not "
+                                f"{type_name(hint)}{at_least}")
         options = {k: v for k, v in entry.items() if k not in _MIX_KEYS}
         takes_count = "count" in POOL_KINDS[kind].options
         if takes_count and "count" in entry:
