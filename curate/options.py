@@ -8,6 +8,7 @@ twice (its type and default in the dataclass, its help on the command line) and 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -28,10 +29,17 @@ def flag(name: str) -> str:
 
 
 def at_least(minimum: float, **values: float | None) -> None:
-    """Each given option, unless None, is ``>= minimum``."""
+    """Each given option, unless None, is a number ``>= minimum`` (NaN is not)."""
     for name, value in values.items():
-        if value is not None and value < minimum:
-            raise UserError(f"{flag(name)} {value} is below {minimum}: give {flag(name)} >= {minimum}")
+        if value is not None and not value >= minimum:
+            raise UserError(f"{flag(name)} {value} is not >= {minimum}: give {flag(name)} >= {minimum}")
+
+
+def positive(**values: float | None) -> None:
+    """Each given option, unless None, is a finite number ``> 0``."""
+    for name, value in values.items():
+        if value is not None and not 0 < value < math.inf:
+            raise UserError(f"{flag(name)} {value} is not a positive number: give {flag(name)} > 0")
 
 
 def one_of(choices: Iterable[str], **values: str) -> None:

@@ -19,11 +19,12 @@ from PIL import Image
 from curate.cli import main as curate_main
 from curate.errors import UserError
 from curate.pools import open_pool
+from curate.query.config import SelectConfig
 from curate.query.scored import ScoredPool
 from curate.score.config import ScoreConfig
 from curate.score.runner import score_pool
 from tests import formats
-from train.config import DistillConfig
+from train.config import DistillConfig, TeacherConfig
 from train.distill import distill
 
 
@@ -323,3 +324,32 @@ def test_mix_specs_are_checked_at_open(tmp_path: Path, spec: str, message: str) 
     path.write_text(spec)
     with pytest.raises(UserError, match=message):
         open_pool(str(path))
+
+
+# -- 7. options that would make a useless model --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("build", "message"), [
+    (lambda: DistillConfig(temperature=0), "--temperature 0"),
+    (lambda: DistillConfig(temperature=-2), "--temperature -2"),
+    (lambda: DistillConfig(lr=float("nan")), "--lr nan"),
+    (lambda: DistillConfig(lr=-1), "--lr -1"),
+    (lambda: DistillConfig(epochs=-1), "--epochs -1"),
+    (lambda: DistillConfig(width=0), "--width 0"),
+    (lambda: DistillConfig(mixup=float("nan"), teacher=Path("t.pt")), "--mixup nan"),
+    (lambda: TeacherConfig(dataset="mnist", lr=float("nan")), "--lr nan"),
+    (lambda: SelectConfig(strategy="diverse", budget=10, clusters=0), "--clusters 0"),
+    (lambda: SelectConfig(strategy="knn", budget=10, per_seed=-1), "--per-seed -1"),
+    (lambda: SelectConfig(strategy="sample", budget=10, tau=float("inf")), "--tau inf"),
+])
+def test_options_that_make_a_useless_model_are_refused(build, message: str) -> None:
+    with pytest.raises(UserError, match=message):
+        build()
+
+
+def test_a_diverging_run_stops_in_one_line_without_a_student(selected: Path, tmp_path: Path) -> None:
+    cfg = DistillConfig(shards=selected, out=tmp_path / "run", steps=8, batch_size=16, lr=1e30, log_every=2,
+                        workers=0, device="cpu")
+    with pytest.raises(UserError, match="diverged and no student is saved"):
+        distill(cfg)
+    assert not (tmp_path / "run" / "student.pt").exists()

@@ -9,7 +9,7 @@ from typing import Any
 
 from curate.errors import UserError
 from curate.models import MODELS
-from curate.options import at_least, one_of
+from curate.options import at_least, one_of, positive
 from train.losses import LOSSES
 from train.optim import OPTIMIZERS
 
@@ -69,11 +69,9 @@ class DistillConfig:
                  eval_limit=self.eval_limit, log_every=self.log_every, ckpt_every=self.ckpt_every, keep=self.keep,
                  window_groups=self.window_groups, lanes=self.lanes)
         at_least(0, warmup_steps=self.warmup_steps, workers=self.workers, crop_padding=self.crop_padding,
-                 mixup=self.mixup, hard_weight=self.hard_weight, feature_weight=self.feature_weight)
-        if self.epochs is not None and self.epochs <= 0:
-            raise UserError(f"--epochs {self.epochs} is not positive: give a number of passes > 0")
-        if self.width <= 0 or self.temperature <= 0:
-            raise UserError("--width and --temperature must be positive")
+                 mixup=self.mixup, hard_weight=self.hard_weight, feature_weight=self.feature_weight,
+                 weight_decay=self.weight_decay)
+        positive(epochs=self.epochs, width=self.width, temperature=self.temperature, lr=self.lr)
 
     def resolved(self) -> dict[str, Any]:
         """The options as JSON values: what config.json and every checkpoint record."""
@@ -111,7 +109,8 @@ class TeacherConfig:
         at_least(1, epochs=self.epochs, batch_size=self.batch_size, limit=self.limit, num_classes=self.num_classes,
                  in_channels=self.in_channels, image_size=self.image_size)
         at_least(0, crop_padding=self.crop_padding, workers=self.workers, warmup_epochs=self.warmup_epochs,
-                 label_smoothing=self.label_smoothing)
+                 label_smoothing=self.label_smoothing, weight_decay=self.weight_decay)
+        positive(width=self.width, lr=self.lr)
 
     def test_pool_name(self) -> str:
         if self.test_dataset:

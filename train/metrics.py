@@ -5,6 +5,7 @@ averaged (over the ranks too), the evaluation runs when due, and rank 0 appends 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from curate.errors import UserError
 from train.ranks import Ranks, mean_over_ranks
 
 
@@ -51,6 +53,9 @@ class MetricsLogger:
 
     def _log(self, step: int, epoch: int) -> None:
         loss, fit = mean_over_ranks(torch.stack(self.pending).mean(0), self.ranks).tolist()
+        if not math.isfinite(loss):  # every rank sees the same mean, so every rank stops here
+            raise UserError(f"the distillation loss became {loss} by step {step}: training diverged and no student "
+                            "is saved; lower --lr and start again in a new --out")
         rate = self.samples / (time.perf_counter() - self.started)
         record = {"step": step, "epoch": epoch, "loss": loss, "teacher_fit": fit, "lr": self.lr(),
                   "samples_per_s": rate}

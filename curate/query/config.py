@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curate.errors import UserError
-from curate.options import at_least, one_of
+from curate.options import at_least, one_of, positive
 
 STRATEGIES = ("uniform", "topk", "sample", "balanced", "diverse", "knn", "sql")
 SELECTION_WEIGHTS = ("uniform", "importance", "class")  # --weights: what each selected row's weight is
@@ -45,8 +45,9 @@ class SelectConfig:
         at_least(1, budget=self.budget, clusters=self.clusters, per_seed=self.per_seed)
         if self.dedup is not None and not 0 < self.dedup < 1:
             raise UserError(f"--dedup is a cosine similarity threshold in (0, 1), got {self.dedup}")
-        if self.tau <= 0 or not 0 <= self.epsilon <= 1:
-            raise UserError("--tau must be > 0 and --epsilon in [0, 1]")
+        positive(tau=self.tau)
+        if not 0 <= self.epsilon <= 1:
+            raise UserError(f"--epsilon {self.epsilon} is not in [0, 1]: it is the uniform share of the sampling")
 
 
 @dataclass
