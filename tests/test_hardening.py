@@ -353,3 +353,19 @@ def test_a_diverging_run_stops_in_one_line_without_a_student(selected: Path, tmp
     with pytest.raises(UserError, match="diverged and no student is saved"):
         distill(cfg)
     assert not (tmp_path / "run" / "student.pt").exists()
+
+
+# -- 8. --resume takes the same paths however they are written ---------------------------------------------------
+
+
+def test_resume_with_the_same_paths_written_otherwise(selected: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    first = DistillConfig(shards=selected, out=Path("run"), steps=4, batch_size=16, ckpt_every=2, workers=0,
+                          device="cpu")
+    distill(DistillConfig(**{**first.__dict__, "steps": 4}))  # a finished run to continue from its checkpoint
+    (tmp_path / "run" / "student.pt").unlink()
+    again = DistillConfig(**{**first.__dict__, "out": tmp_path / "sub" / ".." / "run",
+                             "shards": Path(os.path.relpath(selected, tmp_path))})
+    assert distill(again, resume=True)["steps"] == 4
+    with pytest.raises(UserError, match="changed config \\(temperature\\)"):
+        distill(DistillConfig(**{**again.__dict__, "temperature": 2.0}), resume=True)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import random
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,23 @@ def load_latest_checkpoint(cfg: DistillConfig) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # a checkpoint cut short is skipped for the one before it
             continue
-        changed = {k for k, v in cfg.resolved().items() if state["config"].get(k) != v and k not in SPEED_ONLY}
+        changed = {k for k, v in cfg.resolved().items()
+                   if k not in SPEED_ONLY and not same_option(k, state["config"].get(k), v)}
         if changed:
             raise UserError(f"--resume with a changed config ({', '.join(sorted(changed))}): use the same options "
                             f"as the run in {cfg.out}, or a new --out")
         return state
     raise UserError(f"nothing to resume in {cfg.out}: no readable checkpoint (drop --resume to start afresh)")
+
+
+PATH_OPTIONS = {name for name, hint in typing.get_type_hints(DistillConfig).items() if "Path" in str(hint)}
+
+
+def same_option(name: str, stored: Any, now: Any) -> bool:
+    """Paths are the same file however they are written (relative, absolute, with ``..``)."""
+    if name in PATH_OPTIONS and stored is not None and now is not None:
+        return Path(stored).resolve() == Path(now).resolve()
+    return stored == now
 
 
 def checkpoint_on_every_rank(cfg: DistillConfig, ranks: Ranks) -> dict[str, Any]:
