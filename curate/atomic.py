@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import glob
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -25,6 +26,18 @@ def write_error(path: Path, err: OSError) -> UserError:
     fix = "free disk space or choose another --out" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
         "choose a writable --out"
     return UserError(f"cannot write {path} ({err.strerror or err}): {fix}")
+
+
+def read_json_object(path: Path, fix: str) -> dict[str, Any]:
+    """The JSON object in ``path`` (a manifest); bad JSON, bytes that are not text or any other JSON value is
+    a one-line error ending with ``fix``."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{path} is damaged ({err}): {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(value).__name__}, not an object): {fix}")
+    return value
 
 
 def check_writable(path: Path) -> None:

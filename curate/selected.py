@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.atomic import read_json_object
 from curate.errors import UserError
 from curate.spec import InputSpec
 
@@ -141,12 +142,13 @@ class CuratedShards:
         if not (folder / MANIFEST).exists():
             found = "is empty" if not any(folder.iterdir()) else f"has no {MANIFEST}"
             raise UserError(f"{folder} {found}: give a folder written by `curate export`")
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{folder / MANIFEST} is damaged: export the selection again") from None
+        manifest = read_json_object(folder / MANIFEST, "export the selection again")
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder} is not a curated shard folder ({manifest.get('format')})")
+        extra = sorted({p.name for p in folder.glob("shard-*.parquet")} - {e["file"] for e in manifest["shards"]})
+        if extra:
+            raise UserError(f"{folder} holds {', '.join(extra[:3])} that {MANIFEST} does not list: shards of "
+                            "another export were copied in; export into a fresh folder")
         files, weights, embedding = [], [], []
         for entry in manifest["shards"]:
             path = folder / entry["file"]

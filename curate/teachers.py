@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
-from curate.atomic import check_writable, write_atomically
+from curate.atomic import check_writable, read_json_object, write_atomically
 from curate.errors import UserError
 from curate.models import build_model
 from curate.spec import InputSpec
@@ -238,13 +238,7 @@ def read_meta_file(path: Path | str | None) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"teacher meta file {path} not found: give a JSON file with num_classes, in_channels, ...")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(f"teacher meta file {path} is not valid JSON ({err}): fix it") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"teacher meta file {path} must hold a JSON object")
-    return meta
+    return read_json_object(path, "give a JSON object with num_classes, in_channels, image_size, mean, std")
 
 
 __all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "load_teacher",

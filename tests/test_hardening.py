@@ -369,3 +369,97 @@ def test_resume_with_the_same_paths_written_otherwise(selected: Path, tmp_path: 
     assert distill(again, resume=True)["steps"] == 4
     with pytest.raises(UserError, match="changed config \\(temperature\\)"):
         distill(DistillConfig(**{**again.__dict__, "temperature": 2.0}), resume=True)
+
+
+# -- 9. smaller holes --------------------------------------------------------------------------------------------
+
+
+def test_a_sql_selection_repeating_a_uid_is_refused_at_select(scored: Path, tmp_path: Path, capsys) -> None:
+    code, err = run(curate_main, ["select", "--scored", str(scored), "--strategy", "sql", "--budget", "20",
+                                  "--query", "SELECT s.uid FROM (SELECT uid FROM scores LIMIT 1) s, range(20)",
+                                  "--out", str(tmp_path / "sel.parquet")], capsys)
+    assert code == 2 and "20 times" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("table", "message"), [
+    (pa.table({"uid": [1, 2, 3]}), "uid is int64, not text"),
+    (pa.table({"uid": ["a:1"], "weight": ["heavy"]}), "weight is string, not a number"),
+])
+def test_selection_files_of_the_wrong_types_are_one_line(scored: Path, tmp_path: Path, capsys, table,
+                                                         message: str) -> None:
+    pq.write_table(table, tmp_path / "sel.parquet")
+    code, err = run(curate_main, ["export", "--scored", str(scored), "--selection", str(tmp_path / "sel.parquet"),
+                                  "--out", str(tmp_path / "selected")], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_manifests_that_are_not_objects_are_one_line(scored: Path, selected: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    for folder, manifest, argv in [
+        (scored, "_manifest.json", ["sql", "--scored", "{copy}", "SELECT 1"]),
+        (selected, "_manifest.json", None),
+    ]:
+        copy = tmp_path / folder.name
+        shutil.copytree(folder, copy)
+        (copy / manifest).write_text("[1, 2, 3]")
+        if argv is not None:
+            code, err = run(curate_main, [a.replace("{copy}", str(copy)) for a in argv], capsys)
+            assert code == 2 and "not an object" in err and err.count("\n") == 1, err
+        else:
+            with pytest.raises(UserError, match="not an object"):
+                distill(DistillConfig(shards=copy, out=tmp_path / "run", steps=2, batch_size=16, device="cpu"))
+
+
+def test_a_corrupt_vector_index_is_one_line(scored: Path, tmp_path: Path, capsys) -> None:
+    import shutil
+
+    copy = tmp_path / "scored"
+    shutil.copytree(scored, copy)
+    assert run(curate_main, ["index", "--scored", str(copy)], capsys)[0] == 0
+    index_file = copy / "_index" / "index.faiss"
+    index_file.write_bytes(index_file.read_bytes()[:100])
+    code, err = run(curate_main, ["select", "--scored", str(copy), "--strategy", "knn", "--budget", "10",
+                                  "--out", str(tmp_path / "sel.parquet")], capsys)
+    assert code == 2 and "is damaged" in err and err.count("\n") == 1, err
+
+
+def test_a_shard_the_manifest_does_not_list_is_refused(selected: Path, tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "selected"
+    shutil.copytree(selected, copy)
+    shutil.copy(copy / "shard-00000.parquet", copy / "shard-00099.parquet")
+    with pytest.raises(UserError, match="shard-00099.parquet that _manifest.json does not list"):
+        distill(DistillConfig(shards=copy, out=tmp_path / "run", steps=2, batch_size=16, device="cpu"))
+
+
+def test_an_eval_pool_without_labels_is_refused_before_training(selected: Path, tmp_path: Path) -> None:
+    cfg = DistillConfig(shards=selected, out=tmp_path / "run", steps=2, batch_size=16, eval_dataset="noise",
+                        device="cpu")
+    with pytest.raises(UserError, match="--eval noise has no labels"):
+        distill(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_damaged_scored_shard_is_scored_again_on_resume(teacher_path: Path, tmp_path: Path) -> None:
+    cfg = ScoreConfig(teacher=teacher_path, pool="digits", out=tmp_path / "scored", shard_rows=600, workers=0,
+                      reference_count=64)
+    score_pool(cfg)
+    whole = pq.read_table(tmp_path / "scored" / "part-00001.parquet")
+    damaged = tmp_path / "scored" / "part-00001.parquet"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    with pytest.raises(UserError, match="rerun `curate score`"):
+        ScoredPool.open(tmp_path / "scored")
+    summary = score_pool(cfg)
+    assert (summary.shards_written, summary.shards_skipped) == (1, 2)
+    assert pq.read_table(damaged).equals(whole)
+
+
+def test_export_onto_an_existing_file_is_one_line(scored: Path, tmp_path: Path, capsys) -> None:
+    selection = uniform_selection(scored, tmp_path / "sel.parquet", 20, capsys)
+    (tmp_path / "taken").write_text("a file, not a folder")
+    code, err = run(curate_main, ["export", "--scored", str(scored), "--selection", str(selection),
+                                  "--out", str(tmp_path / "taken")], capsys)
+    assert code == 2 and "is not an empty folder" in err and err.count("\n") == 1, err
+    assert (tmp_path / "taken").read_text() == "a file, not a folder"

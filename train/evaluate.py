@@ -49,6 +49,10 @@ class Evaluator:
     def __init__(self, dataset: str, root: Path | None, spec: InputSpec, num_classes: int, teacher: Teacher | None,
                  device: torch.device, limit: int | None = None, batch_size: int = 512) -> None:
         pool = open_pool(dataset, root)
+        first = next(iter(pool), None)
+        if first is None or first.label is None:  # checked now, not at the first evaluation
+            raise UserError(f"--eval {dataset} has no labels to measure accuracy with: evaluate on a labeled "
+                            "pool such as fashion-mnist:test")
         if pool.class_names and len(pool.class_names) != num_classes:
             raise UserError(f"--eval {dataset} has {len(pool.class_names)} classes, the teacher {num_classes}: "
                             "evaluate on the teacher's task")

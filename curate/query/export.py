@@ -56,6 +56,12 @@ def read_selection(path: Path, scored: ScoredPool) -> tuple[pa.Table, dict[str, 
         raise UserError(f"cannot read the selection {path} ({err}): give a file written by `curate select`") from None
     if "uid" not in table.column_names:
         raise UserError(f"{path} has no uid column: a selection needs uid (and optionally weight)")
+    uid_type = table.schema.field("uid").type
+    if not (pa.types.is_string(uid_type) or pa.types.is_large_string(uid_type)):
+        raise UserError(f"{path}: uid is {uid_type}, not text: uids are the scored pool's '<source>:<key>' strings")
+    weight_type = table.schema.field("weight").type if "weight" in table.column_names else pa.float32()
+    if not (pa.types.is_floating(weight_type) or pa.types.is_integer(weight_type)):
+        raise UserError(f"{path}: weight is {weight_type}, not a number")
     if "weight" not in table.column_names:
         table = table.append_column("weight", pa.array(np.ones(table.num_rows, dtype=np.float32)))
     weights = table["weight"].cast(pa.float32())
@@ -65,7 +71,12 @@ def read_selection(path: Path, scored: ScoredPool) -> tuple[pa.Table, dict[str, 
         raise UserError(f"{path} selects nothing: choose a larger --budget or a looser filter")
     if pc.count_distinct(table["uid"]).as_py() != table.num_rows:
         raise UserError(f"{path} lists some uids more than once: give each sample once and use weight for emphasis")
-    provenance = json.loads((table.schema.metadata or {}).get(b"curate", b"{}"))
+    try:
+        provenance = json.loads((table.schema.metadata or {}).get(b"curate", b"{}"))
+    except json.JSONDecodeError:
+        provenance = None
+    if not isinstance(provenance, dict):
+        provenance = {}  # not written by `curate select`: nothing to check it against
     made_by = provenance.get("teacher_fingerprint")
     if made_by and made_by != scored.fingerprint:
         raise UserError(f"{path} was selected from scores of another teacher: select again from {scored.folder}")

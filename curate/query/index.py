@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from rich.progress import Progress
 
-from curate.atomic import write_folder_atomically
+from curate.atomic import read_json_object, write_folder_atomically
 from curate.errors import UserError
 from curate.query.scored import ScoredPool
 from curate.vectors import float_lists
@@ -169,11 +169,19 @@ class VectorIndex:
         folder = scored.folder / INDEX_DIR
         if not (folder / "index.json").exists():
             raise UserError(f"{scored.folder} has no vector index: run `curate index --scored {scored.folder}` first")
-        info = json.loads((folder / "index.json").read_text())
-        if info["teacher_fingerprint"] != scored.fingerprint or info["rows"] != scored.rows:
+        info = read_json_object(folder / "index.json", f"run `curate index --scored {scored.folder}` again")
+        if info.get("teacher_fingerprint") != scored.fingerprint or info.get("rows") != scored.rows:
             raise UserError(f"the index in {folder} was built for other scores: run `curate index` again")
-        uids = pq.read_table(folder / "uids.parquet")["uid"].combine_chunks()
-        return cls(faiss.read_index(str(folder / "index.faiss")), uids, info)
+        try:
+            uids = pq.read_table(folder / "uids.parquet")["uid"].combine_chunks()
+            index = faiss.read_index(str(folder / "index.faiss"))
+        except Exception as err:  # FAISS raises RuntimeError for anything it cannot parse; pyarrow its own
+            raise UserError(f"the index in {folder} is damaged ({type(err).__name__}: {str(err).splitlines()[0]}): "
+                            "run `curate index` again") from None
+        if index.ntotal != len(uids):
+            raise UserError(f"the index in {folder} holds {index.ntotal:,} vectors for {len(uids):,} uids: "
+                            "run `curate index` again")
+        return cls(index, uids, info)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Cosine similarities and ids of the ``k`` nearest rows of each (normalised here) query."""

@@ -19,6 +19,7 @@ from typing import Any
 import duckdb
 import pyarrow.parquet as pq
 
+from curate.atomic import read_json_object
 from curate.errors import UserError
 from curate.score.output import ERRORS, FORMAT, MANIFEST
 
@@ -43,10 +44,7 @@ class ScoredPool:
         manifest_path = folder / MANIFEST
         if not manifest_path.exists():
             raise UserError(f"{folder} is not a scored pool (no {MANIFEST}): run `curate score --out {folder}` first")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError:
-            raise UserError(f"{manifest_path} is damaged: score the pool again") from None
+        manifest = read_json_object(manifest_path, "score the pool again")
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder} holds something other than a scored pool ({manifest.get('format')})")
         if not manifest.get("complete"):

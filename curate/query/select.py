@@ -220,6 +220,11 @@ class Selector:
         unknown = self.sql("SELECT count(*) FROM ranked ANTI JOIN scores USING (uid)", "--query")[0][0]
         if unknown:
             raise UserError(f"--query returned {unknown:,} uids that are not in the scored pool")
+        repeated = self.sql("SELECT uid, count(*) FROM ranked GROUP BY uid HAVING count(*) > 1 LIMIT 1", "--query")
+        if repeated:
+            uid, times = repeated[0]
+            raise UserError(f"--query returns {uid} {times} times: a selection lists each sample once (SELECT "
+                            "DISTINCT), with a weight column for emphasis")
         return table
 
     # -- helpers ----------------------------------------------------------------------------------------------

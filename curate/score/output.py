@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate import __version__
-from curate.atomic import remove_stale_temporaries, temporary_name, write_atomically, write_error
+from curate.atomic import read_json_object, remove_stale_temporaries, temporary_name, write_atomically, write_error
 from curate.errors import UserError
 
 FORMAT = "curate.scored/1"
@@ -124,10 +124,7 @@ class ScoredOutput:
         """Start a new output or reopen an existing one made from the same identity; refuse anything else."""
         identity = normalized(identity)
         if self.manifest_path.exists():
-            try:
-                existing = json.loads(self.manifest_path.read_text())
-            except json.JSONDecodeError:
-                raise UserError(f"{self.manifest_path} is damaged: delete {self.folder} and score again") from None
+            existing = read_json_object(self.manifest_path, f"delete {self.folder} and score again")
             if existing.get("format") != FORMAT:
                 raise UserError(f"{self.folder} holds something other than a scored pool: choose another --out")
             for part in ("teacher", "pool", "settings"):
@@ -187,8 +184,22 @@ class ScoredOutput:
         write_atomically(self.manifest_path, lambda p: p.write_text(text))
 
     def complete_shards(self) -> set[int]:
-        return {i for i, entry in enumerate(self.manifest["shards"])
-                if entry["complete"] and (self.folder / entry["file"]).exists()}
+        """Shards marked complete whose file is there and whole; a damaged one (cut short, overwritten) is
+        removed so the run scores it again."""
+        done = set()
+        for i, entry in enumerate(self.manifest["shards"]):
+            path = self.folder / entry["file"]
+            if not entry["complete"] or not path.exists():
+                continue
+            try:
+                whole = pq.read_metadata(path).num_rows == entry.get("rows")
+            except (OSError, pa.ArrowException):
+                whole = False
+            if whole:
+                done.add(i)
+            else:
+                path.unlink()
+        return done
 
     def open_shard(self, shard: Shard, schema: pa.Schema) -> ShardStream:
         return ShardStream(self, shard, schema)
