@@ -129,7 +129,7 @@ def detect_format(path: Path) -> str:
     return "checkpoint"  # a torch.save file: a checkpoint dict, or a pickled module
 
 
-def _load_checkpoint(path: Path, trust_pickle: bool) -> tuple[nn.Module, dict, str]:
+def _load_checkpoint(path: Path, trust_pickle: bool, flags: Flags) -> tuple[nn.Module, dict, str]:
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # neither torch.save's zip nor a raw pickle
@@ -138,10 +138,10 @@ def _load_checkpoint(path: Path, trust_pickle: bool) -> tuple[nn.Module, dict, s
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         if not trust_pickle:
-            raise UserError(
-                f"{path} is a pickled Python object, and loading it would run code from the file: "
-                "re-run with --trust-pickle only if you trust where it came from"
-            ) from None
+            fix = (f"re-run with {flags.trust_pickle} only if you trust where it came from" if flags.trust_pickle
+                   else "save it as a checkpoint, TorchScript or .pt2 (curate.teachers.save_model)")
+            raise UserError(f"{path} is a pickled Python object, and loading it would run code from the file: {fix}"
+                            ) from None
         blob = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise UserError(f"{path} is not a readable teacher file ({err}): check the path or re-export it") from None
@@ -154,7 +154,8 @@ def _load_checkpoint(path: Path, trust_pickle: bool) -> tuple[nn.Module, dict, s
         )
     meta = dict(blob.get("meta") or {})
     if "num_classes" not in meta or "in_channels" not in meta:
-        raise UserError(f"{path}: checkpoint meta lacks num_classes or in_channels: supply --teacher-meta meta.json")
+        raise UserError(f"{path}: checkpoint meta lacks num_classes or in_channels: "
+                        f"{flags.supply_meta('num_classes and in_channels')}")
     model = build_model(blob["arch"], int(meta["num_classes"]), int(meta["in_channels"]),
                         int(meta.get("image_size", 32)), **blob.get("arch_options", {}))
     try:
@@ -189,18 +190,37 @@ def _load_export(path: Path) -> tuple[nn.Module, dict, str]:
     return program.module(), json.loads(meta) if meta else {}, "export"
 
 
+@dataclass(frozen=True)
+class Flags:
+    """How the calling command names its model options, so an error names options the user has (None: the
+    command has no such option)."""
+
+    file: str = "--teacher"
+    meta: str | None = "--teacher-meta"
+    trust_pickle: str | None = "--trust-pickle"
+
+    def supply_meta(self, what: str) -> str:
+        if self.meta is None:
+            return f"save the model with {what} in its meta"
+        return f"supply {what} with {self.meta} meta.json"
+
+
+SCORE_FLAGS = Flags()  # curate score: --teacher, --teacher-meta, --trust-pickle
+TEACHER_ONLY = Flags(meta=None, trust_pickle=None)  # commands whose --teacher comes without the other two
+
+
 def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: dict[str, Any] | None = None,
-                 device: str | torch.device = "cpu") -> Teacher:
+                 device: str | torch.device = "cpu", flags: Flags = SCORE_FLAGS) -> Teacher:
     """Load a teacher file, merge ``meta_overrides`` into its meta, and check that its input spec works."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"teacher file {path} not found: pass --teacher with the path of a trained model")
+        raise UserError(f"model file {path} not found: pass {flags.file} with the path of a trained model")
     loaders = {"export": _load_export, "torchscript": _load_torchscript}
     fmt = detect_format(path)
-    model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle)
+    model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle, flags)
     meta = {**meta, **(meta_overrides or {})}
     if "num_classes" not in meta:
-        raise UserError(f"{path}: meta lacks num_classes: supply it with --teacher-meta meta.json")
+        raise UserError(f"{path}: meta lacks num_classes: {flags.supply_meta('num_classes')}")
     spec = InputSpec.from_meta(meta)
     class_names = [str(c) for c in meta.get("class_names") or range(int(meta["num_classes"]))]
     if len(class_names) != int(meta["num_classes"]):
@@ -209,12 +229,12 @@ def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: d
     if fmt != "export":  # an exported program is frozen in eval mode and rejects .eval()
         model.eval()
     model = model.to(device)
-    _check_input_spec(model, spec, int(meta["num_classes"]), path, device)
+    _check_input_spec(model, spec, int(meta["num_classes"]), path, device, flags)
     return Teacher(model, meta, spec, file_fingerprint(path), path, fmt, class_names)
 
 
 def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path: Path,
-                      device: str | torch.device) -> None:
+                      device: str | torch.device, flags: Flags) -> None:
     """Run two blank inputs of the meta's shape: a teacher whose meta lies fails here, not mid-scoring."""
     shape = "x".join(map(str, spec.shape()))
     try:
@@ -224,7 +244,7 @@ def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
             f"{path}: the model rejects {shape} inputs that its meta declares ({reason[:200]}): "
-            "fix in_channels/image_size with --teacher-meta"
+            f"{flags.supply_meta('the right in_channels and image_size')}"
         ) from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -241,5 +261,5 @@ def read_meta_file(path: Path | str | None) -> dict[str, Any]:
     return read_json_object(path, "give a JSON object with num_classes, in_channels, image_size, mean, std")
 
 
-__all__ = ["FORMATS", "Teacher", "detect_format", "file_fingerprint", "load_teacher",
-           "read_meta_file", "save_model", "save_state"]
+__all__ = ["FORMATS", "SCORE_FLAGS", "TEACHER_ONLY", "Flags", "Teacher", "detect_format", "file_fingerprint",
+           "load_teacher", "read_meta_file", "save_model", "save_state"]

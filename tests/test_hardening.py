@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from curate.cli import main as curate_main
@@ -463,3 +464,38 @@ def test_export_onto_an_existing_file_is_one_line(scored: Path, tmp_path: Path, 
                                   "--out", str(tmp_path / "taken")], capsys)
     assert code == 2 and "is not an empty folder" in err and err.count("\n") == 1, err
     assert (tmp_path / "taken").read_text() == "a file, not a folder"
+
+
+# -- 11. error messages name options the command has --------------------------------------------------------------
+
+
+def test_errors_name_the_options_of_the_command_at_hand(scored: Path, selected: Path, teacher_path: Path,
+                                                        tmp_path: Path, capsys) -> None:
+    from train.cli import main as train_main
+
+    import shutil
+
+    pickled = tmp_path / "pickled.pt"
+    torch.save(torch.nn.Linear(2, 2), pickled)
+    (tmp_path / "empty").mkdir()
+    scored = Path(shutil.copytree(scored, tmp_path / "scored"))
+    assert run(curate_main, ["index", "--scored", str(scored)], capsys)[0] == 0
+    cases = [
+        (train_main, ["eval", "--model", str(tmp_path / "missing.pt"), "--dataset", "digits"], "pass --model",
+         "--teacher"),
+        (train_main, ["distill", "--shards", str(selected), "--out", str(tmp_path / "r"), "--teacher", str(pickled),
+                      "--steps", "2", "--device", "cpu"], "save it as a checkpoint", "--trust-pickle"),
+        (curate_main, ["select", "--scored", str(scored), "--strategy", "knn", "--budget", "5", "--seeds",
+                       str(tmp_path / "empty"), "--out", str(tmp_path / "s.parquet")], "give --seeds", "--root"),
+        (curate_main, ["select", "--scored", str(scored), "--strategy", "knn", "--budget", "5", "--seeds",
+                       str(tmp_path), "--teacher", str(pickled), "--out", str(tmp_path / "s.parquet")],
+         "save it as a checkpoint", "--trust-pickle"),
+        (train_main, ["teacher", "--dataset", "digits", "--out", str(tmp_path / "t.pt")], "--test-dataset", None),
+        (train_main, ["teacher", "--dataset", "digits", "--test-dataset", "digits", "--arch", "lenet5",
+                      "--out", str(tmp_path / "t.pt")], "--image-size", None),
+    ]
+    Image.new("RGB", (28, 28)).save(tmp_path / "seed.png")
+    for main, argv, named, not_named in cases:
+        code, err = run(main, argv, capsys)
+        assert code == 2 and named in err and err.count("\n") == 1, (argv, err)
+        assert not_named is None or not_named not in err, (argv, err)

@@ -35,7 +35,7 @@ from curate.locks import FolderLock
 from curate.models import build_model, channels_last_is_safe
 from curate.selected import CuratedShards
 from curate.spec import InputSpec
-from curate.teachers import Teacher, load_teacher, save_model
+from curate.teachers import TEACHER_ONLY, Teacher, load_teacher, save_model
 from train.augment import mix, random_crop_flip, step_generator
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint
 from train.config import DistillConfig
@@ -58,7 +58,7 @@ def build_student(cfg: DistillConfig, shards: CuratedShards) -> torch.nn.Module:
 def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.device) -> Teacher | None:
     if cfg.teacher is None:
         return None
-    teacher = load_teacher(cfg.teacher, device=device)
+    teacher = load_teacher(cfg.teacher, device=device, flags=TEACHER_ONLY)
     if teacher.fingerprint != shards.manifest["teacher"]["fingerprint"]:
         raise UserError(f"{cfg.teacher} is not the teacher that scored these shards: pass the same teacher file")
     teacher.model.eval()

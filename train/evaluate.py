@@ -13,7 +13,7 @@ from curate.device import pick_device
 from curate.errors import UserError
 from curate.pools import open_pool
 from curate.spec import InputSpec
-from curate.teachers import Teacher, load_teacher, read_meta_file
+from curate.teachers import Flags, Teacher, load_teacher, read_meta_file
 from train.data import labeled_batches, make_loader
 
 
@@ -80,7 +80,8 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
                    batch_size: int, workers: int, device_name: str) -> dict:
     """Load any teacher/student file and measure its accuracy, overall and per class, on a labeled pool."""
     device = pick_device(device_name)
-    loaded = load_teacher(path, trust_pickle=trust_pickle, meta_overrides=read_meta_file(meta_file), device=device)
+    loaded = load_teacher(path, trust_pickle=trust_pickle, meta_overrides=read_meta_file(meta_file), device=device,
+                          flags=Flags("--model", "--model-meta", "--trust-pickle"))
     pool = open_pool(dataset, root)
     if pool.class_names and len(pool.class_names) != loaded.num_classes:
         raise UserError(f"{path.name} predicts {loaded.num_classes} classes but {dataset} has "

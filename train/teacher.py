@@ -50,7 +50,10 @@ def train_teacher(cfg: TeacherConfig) -> dict:
         raise UserError(f"the training set has fewer samples than one batch ({cfg.batch_size}): lower --batch-size")
 
     # Model, optimiser, schedule.
-    model = build_model(cfg.arch, len(class_names), spec.in_channels, spec.image_size, cfg.width)
+    try:
+        model = build_model(cfg.arch, len(class_names), spec.in_channels, spec.image_size, cfg.width)
+    except UserError as err:
+        raise UserError(f"{err}: pass --image-size to resize the dataset's images, or choose another --arch") from None
     memory_format = torch.channels_last if channels_last_is_safe(model, device) else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     decay = [p for p in model.parameters() if p.ndim > 1]  # no weight decay on BN and biases

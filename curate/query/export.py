@@ -140,12 +140,12 @@ def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndar
     """Run the scoring teacher on a few selected images as read from the pool now and compare with the stored
     logits: a pool whose files changed since scoring (same names and count, other pixels) is caught here."""
     from curate.score.forward import ForwardPass
-    from curate.teachers import load_teacher
+    from curate.teachers import TEACHER_ONLY, load_teacher
 
     teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
     if not teacher_path.is_file() or not len(images):
         return  # the teacher moved: nothing to compare with (uids and pool size were still checked)
-    teacher = load_teacher(teacher_path)
+    teacher = load_teacher(teacher_path, flags=TEACHER_ONLY)
     if teacher.fingerprint != scored.fingerprint:
         return
     forward = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)

@@ -356,15 +356,16 @@ def _counts(table: pa.Table, column: str) -> dict[str, int]:
 def embed_seed_images(folder: Path, teacher_path: Path) -> np.ndarray:
     """Penultimate embeddings of the images in ``folder``, by the teacher that scored the pool."""
     from curate.pools import open_pool
+    from curate.pools.images import list_images
     from curate.score.forward import score_samples
-    from curate.teachers import load_teacher
+    from curate.teachers import TEACHER_ONLY, load_teacher
 
     if not Path(teacher_path).exists():
         raise UserError(f"the teacher {teacher_path} is gone: pass --teacher to embed the --seeds images")
-    teacher = load_teacher(Path(teacher_path))
+    if not Path(folder).is_dir() or not list_images(Path(folder)):
+        raise UserError(f"no JPEG/PNG/WebP images in {folder}: give --seeds a folder of seed images")
+    teacher = load_teacher(Path(teacher_path), flags=TEACHER_ONLY)
     pool = open_pool("folder", Path(folder), {})
-    if len(pool) == 0:
-        raise UserError(f"no images in {folder}: give a folder of seed images")
     _, scores = score_samples(teacher, pool)
     if scores is None:
         raise UserError(f"none of the images in {folder} can be read")
