@@ -1,5 +1,5 @@
 """`train distill` under torchrun on 2 CPU processes (gloo) over shards exported by the real pipeline: the same
-samples as one process, every row once per epoch, a killed rank resumed without losing a step, and resuming
+samples as one process, every row at most once per epoch, a killed rank resumed without losing a step, and resuming
 with another number of processes where the reader positions allow it (else a one-line error)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from train.shards import EpochPlan
 
 pytestmark = pytest.mark.slow
 
-BATCH = 16  # global: 8 rows per rank, which divides every shard of the `selected` fixture (128 x 4 + 88)
+BATCH = 16  # global: 8 rows per rank
 
 
 def distill_args(selected: Path, out: Path, steps: int, ckpt_every: int, *extra: str) -> list[str]:
@@ -57,8 +57,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 @pytest.fixture(scope="module")
 def steps(selected: Path) -> int:
-    """Enough steps for every rank of 2 to finish its first epoch (ranks read different shards, so their epochs
-    differ in length)."""
+    """Enough steps for every rank of 2 to finish its first epoch (ranks' lanes drop different partial batches, so
+    their epochs may differ in length)."""
     return max(epoch_lengths(selected, 2))
 
 
@@ -80,7 +80,8 @@ def test_two_processes_train_the_same_samples_once_per_epoch(selected: Path, ste
     assert len(two) == len(one) == steps * BATCH  # the global batch: same steps, same samples
     assert sorted(np.unique(two[:, 0])) == list(range(steps))
     first_epoch = two[two[:, 1] == 0, 2]
-    assert len(first_epoch) == rows and np.array_equal(np.sort(first_epoch), np.arange(rows))  # each row once
+    # each row at most once; each lane (2 per rank) drops its partial last batch (< 8 rows)
+    assert len(np.unique(first_epoch)) == len(first_epoch) >= rows - 2 * 2 * (BATCH // 2 - 1)
     seen_once = one[one[:, 1] == 0, 2]
     assert len(np.unique(seen_once)) == len(seen_once) >= rows - BATCH  # one process drops a partial batch
     for name in ("student.pt", "metrics.jsonl", "curves.png", f"ckpt-{steps:08d}.pt"):

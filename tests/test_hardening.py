@@ -24,9 +24,11 @@ from curate.query.config import SelectConfig
 from curate.query.scored import ScoredPool
 from curate.score.config import ScoreConfig
 from curate.score.runner import score_pool
+from curate.selected import CuratedShards
 from tests import formats
 from train.config import DistillConfig, TeacherConfig
 from train.distill import distill
+from train.row_audit import read_recorded_rows
 
 
 class Payload:
@@ -471,9 +473,9 @@ def test_export_onto_an_existing_file_is_one_line(scored: Path, tmp_path: Path, 
 
 def test_errors_name_the_options_of_the_command_at_hand(scored: Path, selected: Path, teacher_path: Path,
                                                         tmp_path: Path, capsys) -> None:
-    from train.cli import main as train_main
-
     import shutil
+
+    from train.cli import main as train_main
 
     pickled = tmp_path / "pickled.pt"
     torch.save(torch.nn.Linear(2, 2), pickled)
@@ -499,3 +501,46 @@ def test_errors_name_the_options_of_the_command_at_hand(scored: Path, selected: 
         code, err = run(main, argv, capsys)
         assert code == 2 and named in err and err.count("\n") == 1, (argv, err)
         assert not_named is None or not_named not in err, (argv, err)
+
+
+# -- 10. any selection of one global batch trains on any number of ranks -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_row_group(scored: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 rows exported with the default --shard-rows and --row-group-rows: one shard of one row group."""
+    from curate.query.config import ExportConfig
+    from curate.query.export import export_selection
+    from curate.query.select import Selector
+
+    folder = tmp_path_factory.mktemp("one-group")
+    Selector(SelectConfig(strategy="uniform", budget=600, scored=scored, out=folder / "sel.parquet")).run()
+    export_selection(ExportConfig(selection=folder / "sel.parquet", scored=scored, out=folder / "selected"))
+    return folder / "selected"
+
+
+def torchrun(shards: Path, out: Path, *options: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "train", "distill", "--shards", str(shards), "--out", str(out), "--student", "lenet5",
+                           "--workers", "0", "--device", "cpu", *options], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_ranks_train_on_a_single_row_group(one_row_group: Path, tmp_path: Path) -> None:
+    shards = CuratedShards.open(one_row_group)
+    assert len(shards.files) == 1 and shards.files[0].group_rows == (600,)
+    done = torchrun(one_row_group, tmp_path / "run", "--steps", "30", "--batch-size", "32", "--record-rows")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = read_recorded_rows(tmp_path / "run")
+    first_epoch = rows[rows[:, 1] == 0, 2]
+    assert len(np.unique(first_epoch)) == len(first_epoch) >= 600 - 2 * 16  # each rank drops < one batch
+    assert (tmp_path / "run" / "student.pt").exists()
+
+
+@pytest.mark.slow
+def test_too_small_a_selection_stops_every_rank_with_one_line(one_row_group: Path, tmp_path: Path) -> None:
+    done = torchrun(one_row_group, tmp_path / "run", "--steps", "3", "--batch-size", "1024")
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(ours) == 2 and all("fewer than one --batch-size 1024" in line for line in ours), done.stderr[-3000:]
+    assert "Connection closed" not in done.stderr and "train/distill.py" not in done.stderr

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from curate.errors import run_app
+from curate.errors import UserError, run_app
 from curate.models import MODELS
 from curate.options import config_from
 from train.config import DistillConfig, TeacherConfig
@@ -130,6 +130,12 @@ def distill(
     cfg = config_from(DistillConfig, locals())
     try:
         result = run_distill(cfg, resume=resume)
+    except RuntimeError as err:
+        if not dist.is_initialized() or not lost_peer(err):
+            raise
+        # another process of the job failed (its one-line error is above it): stop with one line too
+        raise UserError(f"process {dist.get_rank()} stops: another process of this torchrun job failed "
+                        "(its error is above)") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -169,6 +175,15 @@ def evaluate(
     for name, (acc, count) in result["per_class"].items():
         table.add_row(name, f"{acc:.4f}", str(count))
     Console().print(table)
+
+
+def lost_peer(err: RuntimeError) -> bool:
+    """A collective broke because another rank's process ended (gloo and NCCL word it differently)."""
+    import torch.distributed as dist
+
+    text = str(err)
+    return isinstance(err, dist.DistError) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer", "NCCL communicator"))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -21,7 +21,6 @@ import functools
 import itertools
 import json
 import math
-import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -45,7 +44,7 @@ from train.metrics import MetricsLogger, plot_curves
 from train.optim import build_optimizer, cosine_with_warmup
 from train.ranks import Ranks, gather, init_ranks, rank_device
 from train.row_audit import RowRecorder
-from train.shards import EpochPlan, ReaderState, ShardBatches
+from train.shards import EpochPlan, ReaderState, ShardBatches, reader_workers
 
 # -- factories -------------------------------------------------------------------------------------------------
 
@@ -72,15 +71,10 @@ def total_steps(cfg: DistillConfig, shards: CuratedShards) -> int:
     return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
 
 
-def reader_workers(cfg: DistillConfig, device: torch.device) -> int:
-    """None on CPU: the step uses every core and reading in-process costs ~1% of it (benchmarks/
-    train_throughput.py), so workers would only compete; on CUDA they keep the GPU fed."""
-    if cfg.workers is not None:
-        return cfg.workers
-    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
-
-
 def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks) -> ShardBatches:
+    if shards.rows < cfg.batch_size:  # checked alike on every rank: each rank needs a batch of its own
+        raise UserError(f"{cfg.shards} holds {shards.rows:,} rows, fewer than one --batch-size {cfg.batch_size}: "
+                        "lower --batch-size or select more")
     plan_for = functools.partial(EpochPlan, shards, cfg.batch_size // ranks.world, cfg.seed, rank=ranks.rank,
                                  world=ranks.world, lanes=cfg.lanes, window_groups=cfg.window_groups,
                                  weighted=cfg.weighting == "sample")
@@ -181,7 +175,7 @@ class Trainer:
     def train(self) -> None:
         cfg, ranks, state = self.cfg, self.ranks, self.state
         recorder = RowRecorder(cfg.out, ranks.rank, state.step) if cfg.record_rows else None
-        workers = reader_workers(cfg, self.device)
+        workers = reader_workers(cfg.workers, self.device)
         loader = DataLoader(self.stream, batch_size=None, num_workers=workers,
                             sampler=itertools.islice(self.stream.keys(state.reader), self.steps - state.step),
                             prefetch_factor=4 if workers else None, pin_memory=self.device.type == "cuda")

@@ -19,6 +19,7 @@ int32 per row of this rank.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,19 +48,27 @@ class ReaderState:
 
 
 class EpochPlan:
-    """The rows of every batch of one epoch for one rank: (shard, row) pairs, computed from row counts."""
+    """The rows of every batch of one epoch for one rank: (shard, row) pairs, computed from row counts.
+
+    Ranks take equal contiguous ranges of the epoch's row order (shards permuted, each in its row groups'
+    order), so any selection of at least one global batch trains on any number of ranks, and a row group is
+    read by at most two ranks. Within a rank, shards are dealt to lanes as they come; a rank with fewer than
+    ``lanes`` batches of rows uses fewer lanes, so no lane is left empty."""
 
     def __init__(self, shards: CuratedShards, batch_size: int, seed: int, epoch: int, rank: int = 0,
                  world: int = 1, lanes: int = 1, window_groups: int = 8, weighted: bool = False,
                  drop_last: bool = True) -> None:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(shards.files))
-        mine = order[rank::world]
+        segments = self._rank_segments(shards, order, rank, world)
+        mine = list(dict.fromkeys(s for s, _, _ in segments))  # this rank's shards, in order
+        lanes = max(1, min(lanes, sum(n for _, _, n in segments) // batch_size))
         offsets = shards.row_offsets
         lane_batches = []
         for lane in range(lanes):
-            shard_ids, rows = self._lane_rows(shards, mine[lane::lanes], offsets, window_groups, weighted,
-                                              np.random.default_rng([seed, epoch, rank, lane]))
+            lane_shards = set(mine[lane::lanes])
+            shard_ids, rows = self._lane_rows(shards, [g for g in segments if g[0] in lane_shards], offsets,
+                                              window_groups, weighted, np.random.default_rng([seed, epoch, rank, lane]))
             count = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
             cuts = [slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
             lane_batches.append([(shard_ids[cut], rows[cut]) for cut in cuts])
@@ -68,10 +77,24 @@ class EpochPlan:
             self.batches.extend(b[k] for b in lane_batches if k < len(b))
 
     @staticmethod
-    def _lane_rows(shards: CuratedShards, shard_ids: np.ndarray, offsets: np.ndarray, window_groups: int,
-                   weighted: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        groups = [(s, start, n) for s in shard_ids
-                  for start, n in zip(shards.files[s].group_starts, shards.files[s].group_rows)]
+    def _rank_segments(shards: CuratedShards, order: np.ndarray, rank: int,
+                       world: int) -> list[tuple[int, int, int]]:
+        """(shard, first row, rows) pieces of row groups making up rows [rank * N / world, (rank + 1) * N / world)
+        of the epoch's order."""
+        total = sum(f.rows for f in shards.files)
+        lo, hi = rank * total // world, (rank + 1) * total // world
+        segments, at = [], 0
+        for s in order:
+            for start, n in zip(shards.files[s].group_starts, shards.files[s].group_rows):
+                first, last = max(at, lo), min(at + n, hi)
+                if first < last:
+                    segments.append((int(s), int(start) + first - at, last - first))
+                at += n
+        return segments
+
+    @staticmethod
+    def _lane_rows(shards: CuratedShards, groups: list[tuple[int, int, int]], offsets: np.ndarray,
+                   window_groups: int, weighted: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         out_shard, out_row = [], []
         for w in range(0, len(groups), window_groups):
             window = groups[w:w + window_groups]
@@ -201,3 +224,10 @@ def in_one_buffer(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         at += size
     return tensors
 
+
+def reader_workers(requested: int | None, device: torch.device) -> int:
+    """Processes reading shards (``requested`` unless None): none on CPU, where the step uses every core and
+    reading in-process costs ~1% of it (benchmarks/train_throughput.py); four on CUDA, to keep the GPU fed."""
+    if requested is not None:
+        return requested
+    return min(4, os.cpu_count() or 1) if device.type == "cuda" else 0
