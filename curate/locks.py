@@ -14,6 +14,20 @@ from curate.errors import UserError
 
 LOCK_FILE = ".lock"
 
+# Descriptors of the locks this process holds. A forked child (a DataLoader worker) inherits them, and the
+# lock lives until every copy is closed: a worker outliving its killed parent for a few seconds would keep
+# the folder locked. Children close their copies at once; that leaves the parent's lock as it is.
+_HELD: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in _HELD:
+        os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
 
 class FolderLock:
     """``with FolderLock(folder):`` creates ``folder`` if needed and holds it, or fails at once in one line."""
@@ -39,9 +53,11 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd
+        _HELD.add(fd)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
+            _HELD.discard(self.fd)
+            os.close(self.fd)  # closing the last copy of the descriptor releases the lock
             self.fd = None

@@ -75,7 +75,7 @@ def test_bad_input_is_refused_in_one_line(selected: Path, tmp_path: Path, capsys
         (["--shards", str(selected), "--student", "vgg99"], "unknown student"),
         (["--shards", str(selected), "--loss", "hinge"], "unknown --loss"),
         (["--shards", str(selected), "--mixup", "0.4"], "needs --teacher"),
-        (["--shards", str(selected), "--eval", "digits", "--batch-size", "4096"], "fewer rows than one batch"),
+        (["--shards", str(selected), "--eval", "digits", "--batch-size", "4096"], "fewer than one --batch-size"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
