@@ -27,10 +27,10 @@ import torch
 class Normalizer:
     """Replaces what legitimately differs between the two runs by placeholders."""
 
-    def __init__(self, outs: tuple[Path, Path], repos: tuple[str, str]) -> None:
+    def __init__(self, outs: tuple[Path, Path], repos: tuple[str, str], folders: tuple[Path, Path]) -> None:
         self.replacements = [(str(p), "OUT") for p in outs] + [(r, "REPO") for r in repos if r]
-        for out in outs:  # the teacher's sha256 (its file holds its training time and paths)
-            digest = hashlib.sha256((out / "teacher.pt").read_bytes()).hexdigest()
+        for folder in folders:  # the teacher's sha256 (its file holds its training time and paths)
+            digest = hashlib.sha256((folder / "teacher.pt").read_bytes()).hexdigest()
             self.replacements += [(digest, "FINGERPRINT"), (digest[:12], "FINGERPRINT")]
         self.replacements.sort(key=lambda pair: -len(pair[0]))  # longer paths first: one may prefix another
 
@@ -120,8 +120,12 @@ def main() -> None:
     parser.add_argument("after", type=Path)
     parser.add_argument("--repos", nargs=2, default=("", ""), metavar=("BEFORE", "AFTER"),
                         help="the checkouts each run used (their paths appear in manifests)")
+    parser.add_argument("--outs", nargs=2, type=Path, default=None, metavar=("BEFORE", "AFTER"),
+                        help="the --out each run wrote to, when a folder was moved since (default: the folders)")
     args = parser.parse_args()
-    checked, differ = differences(args.before, args.after, Normalizer((args.before, args.after), tuple(args.repos)))
+    outs = tuple(args.outs) if args.outs else (args.before, args.after)
+    norm = Normalizer(outs, tuple(args.repos), (args.before, args.after))
+    checked, differ = differences(args.before, args.after, norm)
     print(f"{checked} files compared; {len(differ)} differ")
     for name in differ:
         print(f"  differs: {name}")
