@@ -53,23 +53,23 @@ def score(
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="pool option NAME=VALUE "
                                                                             "(repeatable)")] = None,
-    teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding the teacher's input "
-                                                           "spec")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the "
-                                                    "file)")] = False,
+    teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding "
+                                                           "the teacher's input spec")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling "
+                                                    "runs code from the file)")] = False,
     batch_size: Annotated[int, typer.Option(help="images per teacher call")] = ScoreConfig.batch_size,
     workers: Annotated[int | None, typer.Option(help="DataLoader processes decoding the pool "
                                                 "(default: 0 for array-backed pools, one per core for "
                                                 "files/glyphs)")] = None,
-    shard_rows: Annotated[int, typer.Option(help="pool positions per Parquet shard (the unit of "
-                                                 "resume)")] = ScoreConfig.shard_rows,
+    shard_rows: Annotated[int, typer.Option(help="pool positions per Parquet shard (the "
+                                                 "unit of resume)")] = ScoreConfig.shard_rows,
     limit: Annotated[int | None, typer.Option(help="score only the first N samples of the pool")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = ScoreConfig.device,
     autocast: Annotated[bool | None, typer.Option(help="bf16/fp16 autocast (default: on for CUDA, off on CPU)")] = None,
-    channels_last: Annotated[bool, typer.Option(help="channels-last memory format for "
-                                                     "convolutions")] = ScoreConfig.channels_last,
-    reference_count: Annotated[int, typer.Option(help="noise images that standardise the indicators (>= "
-                                                      "64)")] = ScoreConfig.reference_count,
+    channels_last: Annotated[bool, typer.Option(
+        help="channels-last memory format for convolutions")] = ScoreConfig.channels_last,
+    reference_count: Annotated[int, typer.Option(help="noise images that standardise the indicators "
+                                                      "(>= 64)")] = ScoreConfig.reference_count,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray actor pool; pip install "
                                           "'hetero-distill\\[ray]')")] = ScoreConfig.executor,
     address: Annotated[str | None, typer.Option(help="ray: the cluster to join, HOST:PORT or auto (default: "
@@ -128,11 +128,11 @@ def sql(
     scored: Annotated[Path, typer.Option(help="scored pool folder (from curate score)")] = Path("scored"),
     example: Annotated[str | None, typer.Option(help="run a named example query instead (see --list-examples)")] = None,
     list_examples: Annotated[bool, typer.Option("--list-examples", help="print the example queries and exit")] = False,
-    out: Annotated[Path | None, typer.Option(help="write the whole result to .parquet, .csv or .json (JSON "
-                                                  "lines)")] = None,
+    out: Annotated[Path | None, typer.Option(help="write the whole result to .parquet, "
+                                                  ".csv or .json (JSON lines)")] = None,
     limit: Annotated[int, typer.Option(min=1, help="rows printed (not applied to --out)")] = 50,
-    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB (default: 80% of "
-                                                          "RAM)")] = None,
+    memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB "
+                                                          "(default: 80% of RAM)")] = None,
 ) -> None:
     """Query a scored pool with DuckDB SQL (read-only).
 
@@ -203,19 +203,19 @@ def select(
                                                "e.g. \"source <> 'noise'\"")] = None,
     by: Annotated[str, typer.Option(help="column or SQL expression ranking the rows (higher first)")] = SelectConfig.by,
     tau: Annotated[float, typer.Option(help="sample: temperature of softmax(by / tau)")] = SelectConfig.tau,
-    epsilon: Annotated[float, typer.Option(help="sample: uniform share of the sampling "
-                                                "probability")] = SelectConfig.epsilon,
+    epsilon: Annotated[float, typer.Option(
+        help="sample: uniform share of the sampling probability")] = SelectConfig.epsilon,
     weights: Annotated[str, typer.Option(help="uniform, importance (1/inclusion probability) or class "
                                               "(equal total weight per predicted class)")] = SelectConfig.weights,
     dedup: Annotated[float | None, typer.Option(help="drop rows whose embedding cosine to a kept row exceeds this "
                                                      "(default 0.98 for diverse, off otherwise)")] = None,
-    clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default budget/32, at most "
-                                                      "1024)")] = None,
+    clusters: Annotated[int | None, typer.Option(help="diverse: k-means clusters (default "
+                                                      "budget/32, at most 1024)")] = None,
     seeds: Annotated[Path | None, typer.Option(help="knn: folder of seed images (default: class prototypes)")] = None,
     per_seed: Annotated[int | None, typer.Option(help="knn: neighbours per seed (default budget / seeds)")] = None,
     query: Annotated[str | None, typer.Option(help="sql: SELECT uid[, weight] FROM candidates ...")] = None,
-    teacher: Annotated[Path | None, typer.Option(help="knn --seeds: teacher to embed them (default: the scoring "
-                                                      "one)")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="knn --seeds: teacher to embed them "
+                                                      "(default: the scoring one)")] = None,
     seed: Annotated[int, typer.Option(help="seed of every random choice")] = SelectConfig.seed,
     memory_limit: Annotated[str | None, typer.Option(help="DuckDB memory limit, e.g. 4GB")] = None,
 ) -> None:
@@ -249,15 +249,15 @@ def select(
 def export(
     selection: Annotated[Path, typer.Option(help="selection file (from curate select or any query with a uid column)")],
     scored: Annotated[Path, typer.Option(help="scored pool folder the selection was made from")] = ExportConfig.scored,
-    out: Annotated[Path, typer.Option(help="folder for the curated shards (must not exist or be "
-                                           "empty)")] = ExportConfig.out,
+    out: Annotated[Path, typer.Option(help="folder for the curated shards (must not "
+                                           "exist or be empty)")] = ExportConfig.out,
     root: Annotated[Path | None, typer.Option(help="data folder of the pool (default: the one used to score)")] = None,
     shard_rows: Annotated[int, typer.Option(help="rows per shard (a multiple of "
                                                  "--row-group-rows)")] = ExportConfig.shard_rows,
-    row_group_rows: Annotated[int, typer.Option(help="rows per Parquet row group (the streaming "
-                                                     "unit)")] = ExportConfig.row_group_rows,
-    embedding: Annotated[bool, typer.Option(help="also store the teacher embedding (for feature "
-                                                 "distillation)")] = ExportConfig.embedding,
+    row_group_rows: Annotated[int, typer.Option(
+        help="rows per Parquet row group (the streaming unit)")] = ExportConfig.row_group_rows,
+    embedding: Annotated[bool, typer.Option(
+        help="also store the teacher embedding (for feature distillation)")] = ExportConfig.embedding,
     seed: Annotated[int, typer.Option(help="seed of the shuffle across shards")] = ExportConfig.seed,
     workers: Annotated[int | None, typer.Option(help="DataLoader processes reading the pool")] = None,
     verify: Annotated[int, typer.Option(help="rows re-scored by the teacher to check the pool is unchanged "

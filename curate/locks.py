@@ -10,6 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
+from curate.atomic import write_error
 from curate.errors import UserError
 
 LOCK_FILE = ".lock"
@@ -42,7 +43,7 @@ class FolderLock:
             self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:
-            raise UserError(f"cannot write in {self.folder} ({err.strerror or err}): choose a writable --out") from None
+            raise write_error(path, err) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -60,7 +60,8 @@ def load_latest_checkpoint(cfg: DistillConfig) -> dict[str, Any]:
     raise UserError(f"nothing to resume in {cfg.out}: no readable checkpoint (drop --resume to start afresh)")
 
 
-PATH_OPTIONS = {name for name, hint in typing.get_type_hints(DistillConfig).items() if "Path" in str(hint)}
+PATH_OPTIONS = {name for name, hint in typing.get_type_hints(DistillConfig).items()
+                if hint is Path or Path in typing.get_args(hint)}
 
 
 def same_option(name: str, stored: Any, now: Any) -> bool:

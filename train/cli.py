@@ -35,8 +35,8 @@ def teacher(
     width: Annotated[float, typer.Option(help="channel-width multiplier")] = TeacherConfig.width,
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
     test_dataset: Annotated[str | None, typer.Option(help="test pool (default KIND:test)")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="class count, for pools that do not name their "
-                                                         "classes")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="class count, for pools that do "
+                                                         "not name their classes")] = None,
     in_channels: Annotated[int | None, typer.Option(help="input channels (default: the dataset's)")] = None,
     image_size: Annotated[int | None, typer.Option(help="input side in pixels (default: the dataset's)")] = None,
     epochs: Annotated[int, typer.Option(help="passes over the training set (6 take a resnet8 past 90% on "
@@ -45,10 +45,10 @@ def teacher(
     lr: Annotated[float, typer.Option(help="peak SGD learning rate (cosine schedule with warm-up)")] = TeacherConfig.lr,
     weight_decay: float = TeacherConfig.weight_decay,
     label_smoothing: float = TeacherConfig.label_smoothing,
-    crop_padding: Annotated[int, typer.Option(help="random-crop padding in pixels (0: no "
-                                                   "crop)")] = TeacherConfig.crop_padding,
-    flip: Annotated[bool, typer.Option(help="random horizontal flips (turn off for digits and "
-                                            "text)")] = TeacherConfig.flip,
+    crop_padding: Annotated[int, typer.Option(
+        help="random-crop padding in pixels (0: no crop)")] = TeacherConfig.crop_padding,
+    flip: Annotated[bool, typer.Option(help="random horizontal flips (turn off for "
+                                            "digits and text)")] = TeacherConfig.flip,
     limit: Annotated[int | None, typer.Option(help="train on a seeded random subset of this many samples")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = TeacherConfig.workers,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = TeacherConfig.device,
@@ -67,49 +67,49 @@ def teacher(
 @app.command()
 def distill(
     shards: Annotated[Path, typer.Option(help="curated shard folder (from curate export)")] = DistillConfig.shards,
-    out: Annotated[Path, typer.Option(help="run folder: metrics.jsonl, curves.png, checkpoints, "
-                                           "student.pt")] = DistillConfig.out,
+    out: Annotated[Path, typer.Option(help="run folder: metrics.jsonl, curves.png, "
+                                           "checkpoints, student.pt")] = DistillConfig.out,
     student: Annotated[str, typer.Option(help=f"student architecture: {', '.join(MODELS)}")] = DistillConfig.student,
     width: Annotated[float, typer.Option(help="student channel-width multiplier")] = DistillConfig.width,
     teacher: Annotated[Path | None, typer.Option(help="run this teacher on every augmented view (online) "
                                                       "instead of using the stored logits")] = None,
     loss: Annotated[str, typer.Option(help="kd, soft-ce, js or mse")] = DistillConfig.loss,
-    temperature: Annotated[float, typer.Option(help="softmax temperature of "
-                                                    "kd/soft-ce/js")] = DistillConfig.temperature,
-    hard_weight: Annotated[float, typer.Option(help="weight of cross-entropy to the teacher's "
-                                                    "argmax")] = DistillConfig.hard_weight,
-    feature_weight: Annotated[float, typer.Option(help="weight of matching the teacher embedding "
-                                                       "(needs shards exported with "
-                                                       "--embedding)")] = DistillConfig.feature_weight,
+    temperature: Annotated[float, typer.Option(
+        help="softmax temperature of kd/soft-ce/js")] = DistillConfig.temperature,
+    hard_weight: Annotated[float, typer.Option(
+        help="weight of cross-entropy to the teacher's argmax")] = DistillConfig.hard_weight,
+    feature_weight: Annotated[float, typer.Option(
+        help="weight of matching the teacher embedding (needs shards exported with --embedding)"
+    )] = DistillConfig.feature_weight,
     weighting: Annotated[str, typer.Option(help="use the weight column: loss (weighted loss), sample "
                                                  "(sampling probabilities) or none")] = DistillConfig.weighting,
     steps: Annotated[int | None, typer.Option(help="optimiser steps (default: --epochs)")] = None,
-    epochs: Annotated[float | None, typer.Option(help="passes over the shards when --steps is not given (default "
-                                                      "1)")] = None,
+    epochs: Annotated[float | None, typer.Option(help="passes over the shards when --steps "
+                                                      "is not given (default 1)")] = None,
     batch_size: Annotated[int, typer.Option()] = DistillConfig.batch_size,
     optimizer: Annotated[str, typer.Option(help="sgd or adamw")] = DistillConfig.optimizer,
     lr: Annotated[float | None, typer.Option(help="peak learning rate (default 0.05 SGD, 2e-3 AdamW)")] = None,
     weight_decay: float = DistillConfig.weight_decay,
     warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps (default 3% of the steps)")] = None,
-    crop_padding: Annotated[int, typer.Option(help="random-crop padding in pixels (0: "
-                                                   "none)")] = DistillConfig.crop_padding,
-    flip: Annotated[bool, typer.Option(help="random horizontal flips (only where the task "
-                                            "allows)")] = DistillConfig.flip,
-    mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples (needs "
-                                              "--teacher)")] = DistillConfig.mixup,
-    eval_dataset: Annotated[str | None, typer.Option("--eval", help="labeled pool to evaluate on, e.g. "
-                                                                    "fashion-mnist:test")] = None,
+    crop_padding: Annotated[int, typer.Option(
+        help="random-crop padding in pixels (0: none)")] = DistillConfig.crop_padding,
+    flip: Annotated[bool, typer.Option(help="random horizontal flips (only where "
+                                            "the task allows)")] = DistillConfig.flip,
+    mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples "
+                                              "(needs --teacher)")] = DistillConfig.mixup,
+    eval_dataset: Annotated[str | None, typer.Option("--eval", help="labeled pool to evaluate on, "
+                                                                    "e.g. fashion-mnist:test")] = None,
     eval_root: Annotated[Path | None, typer.Option(help="data folder of --eval")] = None,
     eval_every: Annotated[int, typer.Option(help="evaluate every N steps (on a log step)")] = DistillConfig.eval_every,
     eval_limit: Annotated[int | None, typer.Option(help="evaluate on a seeded subset of this many samples")] = None,
     log_every: Annotated[int, typer.Option(help="write metrics every N steps")] = DistillConfig.log_every,
     ckpt_every: Annotated[int, typer.Option(help="checkpoint every N steps")] = DistillConfig.ckpt_every,
     keep: Annotated[int, typer.Option(help="checkpoints kept")] = DistillConfig.keep,
-    record_rows: Annotated[bool, typer.Option(help="write (step, epoch, row) of every sample trained on to "
-                                                   "rows-rank*.i64 in --out (an audit of the data "
-                                                   "order)")] = DistillConfig.record_rows,
+    record_rows: Annotated[bool, typer.Option(
+        help="write (step, epoch, row) of every sample trained on to rows-rank*.i64 in --out (an audit of the data "
+             "order)")] = DistillConfig.record_rows,
     lanes: Annotated[int, typer.Option(help="reading streams per rank (part of the data order; "
-                                                   "match --workers for locality)")] = DistillConfig.lanes,
+                                            "match --workers for locality)")] = DistillConfig.lanes,
     workers: Annotated[int | None, typer.Option(help="processes reading shards; speed only "
                                                             "(default 0 on CPU, 4 on CUDA)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = DistillConfig.device,
@@ -153,10 +153,10 @@ def evaluate(
     model: Annotated[Path, typer.Option(help="teacher or student: checkpoint, TorchScript, .pt2 or pickled module")],
     dataset: Annotated[str, typer.Option(help="labeled pool, e.g. fashion-mnist:test")],
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
-    model_meta: Annotated[Path | None, typer.Option(help="JSON meta overriding or supplying the model's input "
-                                                         "spec")] = None,
-    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling runs code from the "
-                                                    "file)")] = False,
+    model_meta: Annotated[Path | None, typer.Option(help="JSON meta overriding or supplying "
+                                                         "the model's input spec")] = None,
+    trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling "
+                                                    "runs code from the file)")] = False,
     batch_size: int = 512,
     workers: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",

@@ -10,7 +10,6 @@ from typing import Any
 from curate.errors import UserError
 from curate.models import MODELS
 from curate.options import at_least, one_of, positive
-from curate.pools import POOL_KINDS
 from train.losses import LOSSES
 from train.optim import OPTIMIZERS
 
@@ -119,6 +118,8 @@ class TeacherConfig:
         if self.dataset.endswith(".toml"):
             raise UserError("a mixed training pool has no obvious test split: pass --test-dataset, e.g. "
                             "fashion-mnist:test")
+        from curate.pools import POOL_KINDS  # here, not at import: `train --help` need not load every pool kind
+
         kind = self.dataset.partition(":")[0]
         if kind in POOL_KINDS and "split" not in POOL_KINDS[kind].options:
             raise UserError(f"{kind} has no test split: pass --test-dataset with a labeled pool of the same classes")

@@ -105,8 +105,8 @@ class IdxPool(Pool):
     def images(self) -> FileArray:
         array = read_idx(self.images_path)
         if array.ndim != 3 or array.dtype != np.uint8:
-            raise UserError(f"{self.images_path} holds {array.dtype} of shape {array.shape}, not N x H x W uint8 "
-                            f"images")
+            raise UserError(f"{self.images_path} holds {array.dtype} of shape {array.shape}, not N x H x W "
+                            "uint8 images")
         return array
 
     @cached_property

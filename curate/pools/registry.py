@@ -81,6 +81,6 @@ def type_name(hint: object) -> str:
         return " or ".join(type_name(a) for a in args if a is not type(None))
     if typing.get_origin(hint) is list:
         return f"a list of {type_name(args[0])}"
-    return {int: "a whole number", float: "a number", str: "text", bool: "true or false", Path: "a path",
-            dict: "a table"}.get(
-        hint, str(hint))
+    names = {int: "a whole number", float: "a number", str: "text", bool: "true or false", Path: "a path",
+             dict: "a table"}
+    return names.get(hint, str(hint))

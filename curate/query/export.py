@@ -131,8 +131,7 @@ def reopen_pool(scored: ScoredPool, root: Path | None):
     described = json.loads(json.dumps(pool.describe(), default=str, sort_keys=True))
     if without_paths(described) != without_paths(identity["description"]):
         raise UserError(f"the pool {identity['arg']} read from --root {root or '(default)'} differs from the one "
-                        f"scored "
-                        f"(size or sources changed): point --root at the data {scored.folder} was scored from")
+                        f"scored (size or sources changed): point --root at the data {scored.folder} was scored from")
     return pool
 
 

@@ -48,8 +48,8 @@ class ScoredPool:
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder} holds something other than a scored pool ({manifest.get('format')})")
         if not manifest.get("complete"):
-            raise UserError(f"scoring of {folder} is not finished: rerun the same `curate score` command to complete "
-                            f"it")
+            raise UserError(f"scoring of {folder} is not finished: rerun the same `curate score` command to "
+                            "complete it")
         files = [folder / entry["file"] for entry in manifest["shards"]]
         missing = [f.name for f in files if not f.exists()]
         if missing:
@@ -72,8 +72,8 @@ class ScoredPool:
                 found = ""
             if found != expected:
                 raise UserError(f"{path.name} was scored by another teacher ({found[:12] or 'unknown'} vs "
-                                f"{expected[:12]} in "
-                                f"{MANIFEST}): do not mix shards of two runs; score into a fresh --out")
+                                f"{expected[:12]} in {MANIFEST}): do not mix shards of two runs; score into a "
+                                "fresh --out")
 
     @property
     def fingerprint(self) -> str:
