@@ -46,11 +46,13 @@ def test_student_learns_from_the_shards(selected: Path, mnist_root: Path, teache
     assert student.num_classes == 10 and student.meta["arch"] == "resnet8"
 
 
-def test_sigkill_then_resume_is_bit_exact(selected: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("extra", [(), ("--candidates", "2", "--balance-views", "--holdout", "0.1")],
+                         ids=["plain", "adaptive"])
+def test_sigkill_then_resume_is_bit_exact(selected: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     whole = tmp_path / "whole"
-    subprocess.run(command(selected, whole), check=True, capture_output=True)
+    subprocess.run(command(selected, whole, *extra), check=True, capture_output=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen(command(selected, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command(selected, killed, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not list(killed.glob("ckpt-00000012.pt")) and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -58,7 +60,7 @@ def test_sigkill_then_resume_is_bit_exact(selected: Path, tmp_path: Path) -> Non
     process.wait()
     assert not (killed / "student.pt").exists(), "finished before the kill: make the run longer"
     # the worker count is speed only: resuming with another still continues bit for bit
-    resumed = subprocess.run(command(selected, killed, "--resume", workers=0), capture_output=True, text=True)
+    resumed = subprocess.run(command(selected, killed, *extra, "--resume", workers=0), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     a = torch.load(whole / "student.pt", weights_only=True)["state_dict"]
     b = torch.load(killed / "student.pt", weights_only=True)["state_dict"]
@@ -75,7 +77,10 @@ def test_bad_input_is_refused_in_one_line(selected: Path, tmp_path: Path, capsys
         (["--shards", str(selected), "--student", "vgg99"], "unknown student"),
         (["--shards", str(selected), "--loss", "hinge"], "unknown --loss"),
         (["--shards", str(selected), "--mixup", "0.4"], "needs --teacher"),
-        (["--shards", str(selected), "--eval", "digits", "--batch-size", "4096"], "fewer than one --batch-size"),
+        (["--shards", str(selected), "--eval", "digits", "--batch-size", "4096"], "read per step"),
+        (["--shards", str(selected), "--cutmix", "1"], "--cutmix needs --teacher"),
+        (["--shards", str(selected), "--candidates", "0.5"], "--candidates"),
+        (["--shards", str(selected), "--holdout", "1.5"], "--holdout 1.5 is not a fraction"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -1,4 +1,4 @@
-"""Batched augmentation (crop, flip, mixup) on image tensors, on whatever device the batch is on.
+"""Batched augmentation (crop, flip, mixup, CutMix) on image tensors, on whatever device the batch is on.
 
 Per-sample torchvision transforms cost about half a millisecond each on a CPU
 core, as much as the training step of a small network; doing crop and flip
@@ -41,11 +41,30 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + (rank << 40))
 
 
-def mix(images: torch.Tensor, alpha: float, seed: int, step: int, rank: int = 0) -> torch.Tensor:
-    """Mixup between samples of the batch (a seeded permutation), one Beta(alpha, alpha) weight per sample,
-    the larger share kept by the sample itself."""
+def mix(images: torch.Tensor, mixup: float, cutmix: float, seed: int, step: int, rank: int = 0) -> torch.Tensor:
+    """Each sample mixed with another of the batch (a seeded permutation), with a Beta(alpha, alpha) share per
+    sample, the larger share kept by the sample itself: mixup blends the whole images, CutMix pastes a box of the
+    other image covering the smaller share of the area. With both, each step draws one of the two (even odds)."""
     rng = np.random.default_rng([seed, step, rank] if rank else [seed, step])
-    lam = torch.from_numpy(rng.beta(alpha, alpha, len(images)).astype(np.float32))
-    lam = torch.maximum(lam, 1 - lam).to(images.device).view(-1, 1, 1, 1)
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
+    lam = torch.from_numpy(rng.beta(*(2 * [cutmix if use_cutmix else mixup]), len(images)).astype(np.float32))
+    lam = torch.maximum(lam, 1 - lam)
     perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    if use_cutmix:
+        return torch.where(_boxes(images.shape, 1 - lam, rng).to(images.device), images[perm], images)
+    lam = lam.to(images.device).view(-1, 1, 1, 1)
     return lam * images + (1 - lam) * images[perm]
+
+
+def _boxes(shape: torch.Size, share: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """N x 1 x H x W masks, each a box inside the image covering about ``share`` of its area."""
+    n, _, h, w = shape
+    box_h = (h * share.sqrt()).round().long()
+    box_w = (w * share.sqrt()).round().long()
+    top = torch.from_numpy(np.floor(rng.random(n) * (h - box_h.numpy() + 1)).astype(np.int64))
+    left = torch.from_numpy(np.floor(rng.random(n) * (w - box_w.numpy() + 1)).astype(np.int64))
+    rows = torch.arange(h)[None, :]
+    cols = torch.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from curate.errors import UserError
-from curate.teachers import save_state
+from curate.teachers import save_model, save_state
 from train.config import SPEED_ONLY, DistillConfig
 from train.losses import DistillLoss
 from train.ranks import Ranks, from_main
@@ -127,3 +127,18 @@ class TrainState:
             part.load_state_dict(state[name])
         restore_rng_states(state["rng"])
         self.reader, self.step, self.history = reader_after_resume(state, ranks), state["step"], state["history"]
+
+
+def save_student(student: torch.nn.Module, cfg: DistillConfig, manifest: dict[str, Any], steps: int,
+                 history: list[dict[str, Any]]) -> None:
+    """``student.pt`` in --out, in the checkpoint format teachers use: the teacher's meta (task, classes, input
+    spec) with the student's architecture, its distillation config and its last evaluated accuracy."""
+    meta = {**{k: v for k, v in manifest["teacher"]["meta"].items() if k not in ("history", "config")},
+            "arch": cfg.student, "width": cfg.width, "distilled_from": manifest["teacher"]["fingerprint"],
+            "distill_config": cfg.resolved(), "steps": steps}
+    last_eval = next((r for r in reversed(history) if "eval_accuracy" in r), None)
+    if last_eval is not None:
+        meta["test_accuracy"] = last_eval["eval_accuracy"]
+    student = student.to("cpu", memory_format=torch.contiguous_format)
+    save_model(student, meta, cfg.out / "student.pt", "checkpoint", arch=cfg.student,
+               arch_options={"width": cfg.width})

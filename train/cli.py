@@ -97,6 +97,20 @@ def distill(
                                             "the task allows)")] = DistillConfig.flip,
     mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples "
                                               "(needs --teacher)")] = DistillConfig.mixup,
+    cutmix: Annotated[float, typer.Option(help="CutMix Beta(alpha, alpha): a box of another sample over that share "
+                                               "of the area (needs --teacher; with --mixup, one of the two per "
+                                               "step)")] = DistillConfig.cutmix,
+    balance_views: Annotated[bool, typer.Option(
+        help="weight the loss so that every class the teacher sees in a batch (after augmentation and mixing) "
+             "counts equally")] = DistillConfig.balance_views,
+    candidates: Annotated[float, typer.Option(
+        help="student-adaptive selection: read this many rows per row trained on and keep, within an equal quota "
+             "per teacher class, the views where the student is furthest from the teacher (1: off; costs one "
+             "student forward per candidate)")] = DistillConfig.candidates,
+    holdout: Annotated[float, typer.Option(
+        help="fraction of the shard rows kept out of training (the same rows for every seed and recipe); "
+             "agreement with the teacher there is logged at every evaluation: a label-free way to compare "
+             "recipes")] = DistillConfig.holdout,
     eval_dataset: Annotated[str | None, typer.Option("--eval", help="labeled pool to evaluate on, "
                                                                     "e.g. fashion-mnist:test")] = None,
     eval_root: Annotated[Path | None, typer.Option(help="data folder of --eval")] = None,
@@ -113,6 +127,8 @@ def distill(
     workers: Annotated[int | None, typer.Option(help="processes reading shards; speed only "
                                                             "(default 0 on CPU, 4 on CUDA)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = DistillConfig.device,
+    amp: Annotated[bool | None, typer.Option(help="bf16 autocast (fp16 on GPUs without bf16); default: on CUDA and on "
+                                                  "CPUs with bf16 units (AMX/AVX512-BF16), off elsewhere")] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = DistillConfig.compile,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     seed: int = DistillConfig.seed,

@@ -3,6 +3,7 @@ checked when built."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,10 @@ class DistillConfig:
     crop_padding: int = 2
     flip: bool = False
     mixup: float = 0.0  # Beta(alpha, alpha) mixing between samples; needs --teacher for fresh targets
+    cutmix: float = 0.0  # a box of another sample over a Beta(alpha, alpha) share of the area; needs --teacher
+    balance_views: bool = False  # weight the loss so every class the teacher sees in a batch counts equally
+    candidates: float = 1.0  # rows read per row trained on: the student keeps the views it imitates worst
+    holdout: float = 0.0  # fraction of the shard rows kept out of training to measure agreement on
     eval_dataset: str | None = None
     eval_root: Path | None = None
     eval_every: int = 500
@@ -53,7 +58,7 @@ class DistillConfig:
     lanes: int = 2  # reading streams per rank, interleaved batch by batch: part of the data order
     workers: int | None = None  # reader processes, speed only (resume may change it); default: 0 on CPU, 4 on CUDA
     device: str = "auto"
-    amp: bool = True  # CUDA only
+    amp: bool | None = None  # None: where bf16 is fast (curate/device.py: fast_bf16)
     compile: bool = False
     seed: int = 0
 
@@ -63,15 +68,24 @@ class DistillConfig:
         one_of(OPTIMIZERS, optimizer=self.optimizer)
         if self.student not in MODELS:
             raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}")
-        if self.mixup > 0 and self.teacher is None:
-            raise UserError("--mixup needs --teacher: mixed images need fresh teacher targets")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) > 0 and self.teacher is None:
+                raise UserError(f"--{name} needs --teacher: mixed images need fresh teacher targets")
         at_least(1, steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
                  eval_limit=self.eval_limit, log_every=self.log_every, ckpt_every=self.ckpt_every, keep=self.keep,
-                 window_groups=self.window_groups, lanes=self.lanes)
+                 window_groups=self.window_groups, lanes=self.lanes, candidates=self.candidates)
         at_least(0, warmup_steps=self.warmup_steps, workers=self.workers, crop_padding=self.crop_padding,
-                 mixup=self.mixup, hard_weight=self.hard_weight, feature_weight=self.feature_weight,
+                 mixup=self.mixup, cutmix=self.cutmix, hard_weight=self.hard_weight, feature_weight=self.feature_weight,
                  weight_decay=self.weight_decay)
+        if not 0 <= self.holdout < 1:
+            raise UserError(f"--holdout {self.holdout} is not a fraction of the rows in [0, 1): try 0.05")
         positive(epochs=self.epochs, width=self.width, temperature=self.temperature, lr=self.lr)
+
+    def total_steps(self, rows: int) -> int:
+        """--steps, else --epochs (default 1) over ``rows`` rows."""
+        if self.steps is not None:
+            return self.steps
+        return max(1, math.ceil((self.epochs or 1.0) * max(1, rows // self.batch_size)))
 
     def resolved(self) -> dict[str, Any]:
         """The options as JSON values: what config.json and every checkpoint record."""

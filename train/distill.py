@@ -20,10 +20,10 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import math
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
@@ -34,17 +34,18 @@ from curate.locks import FolderLock
 from curate.models import build_model, channels_last_is_safe
 from curate.selected import CuratedShards
 from curate.spec import InputSpec
-from curate.teachers import TEACHER_ONLY, Teacher, load_teacher, save_model
+from curate.teachers import TEACHER_ONLY, Teacher, load_teacher
+from train.adaptive import HardestViews
 from train.augment import mix, random_crop_flip, step_generator
-from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint
+from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
 from train.config import DistillConfig
-from train.evaluate import Evaluator
-from train.losses import DistillLoss, LossTerms
+from train.evaluate import Evaluator, HeldOutAgreement
+from train.losses import DistillLoss, LossTerms, balanced_class_weights
 from train.metrics import MetricsLogger, plot_curves
-from train.optim import build_optimizer, cosine_with_warmup
+from train.optim import build_optimizer, cosine_with_warmup, mixed_precision
 from train.ranks import Ranks, gather, init_ranks, rank_device
 from train.row_audit import RowRecorder
-from train.shards import EpochPlan, ReaderState, ShardBatches, reader_workers
+from train.shards import EpochPlan, ReaderState, ShardBatches, held_out_rows, reader_workers
 
 # -- factories -------------------------------------------------------------------------------------------------
 
@@ -64,20 +65,16 @@ def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.devic
     return teacher
 
 
-def total_steps(cfg: DistillConfig, shards: CuratedShards) -> int:
-    if cfg.steps is not None:
-        return cfg.steps
-    per_epoch = max(1, shards.rows // cfg.batch_size)
-    return max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
-
-
-def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks) -> ShardBatches:
-    if shards.rows < cfg.batch_size:  # checked alike on every rank: each rank needs a batch of its own
-        raise UserError(f"{cfg.shards} holds {shards.rows:,} rows, fewer than one --batch-size {cfg.batch_size}: "
-                        "lower --batch-size or select more")
-    plan_for = functools.partial(EpochPlan, shards, cfg.batch_size // ranks.world, cfg.seed, rank=ranks.rank,
+def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks,
+                 held_out: np.ndarray | None) -> ShardBatches:
+    rows_per_rank = round(cfg.batch_size // ranks.world * cfg.candidates)  # rows read per step
+    # checked alike on every rank: each rank needs a batch of its own
+    if shards.rows < (reads := rows_per_rank * ranks.world):
+        raise UserError(f"{cfg.shards} holds {shards.rows:,} rows, fewer than the {reads:,} read per step "
+                        "(--batch-size times --candidates): lower them or select more")
+    plan_for = functools.partial(EpochPlan, shards, rows_per_rank, cfg.seed, rank=ranks.rank,
                                  world=ranks.world, lanes=cfg.lanes, window_groups=cfg.window_groups,
-                                 weighted=cfg.weighting == "sample")
+                                 weighted=cfg.weighting == "sample", held_out=held_out)
     return ShardBatches(shards, plan_for, with_embedding=cfg.feature_weight > 0)
 
 
@@ -112,7 +109,7 @@ class Trainer:
             raise UserError("--feature-weight needs teacher embeddings in the shards: export with --embedding")
         self.spec = InputSpec.from_meta(shards.manifest["input_spec"])
         self.normalize = self.spec.normalize()
-        self.steps = total_steps(cfg, shards)
+        self.steps = cfg.total_steps(shards.rows)
         student = build_student(cfg, shards)
         self.memory_format = torch.channels_last if channels_last_is_safe(student, device) else torch.contiguous_format
         student = student.to(device, memory_format=self.memory_format)
@@ -122,14 +119,16 @@ class Trainer:
         optimizer = build_optimizer(cfg.optimizer, list(student.parameters()) + list(loss_fn.parameters()), cfg.lr,
                                     cfg.weight_decay)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps * 3 // 100)
-        self.use_amp = cfg.amp and device.type == "cuda"
-        self.amp_dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
-        scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp and self.amp_dtype == torch.float16)  # not bf16
+        self.use_amp, self.amp_dtype, scaler = mixed_precision(cfg.amp, device)
         self.state = TrainState(student, loss_fn, optimizer, cosine_with_warmup(optimizer, warmup, self.steps), scaler)
         self.step_module: torch.nn.Module = DistillStep(student, loss_fn, cfg.compile)
         self.evaluator = Evaluator(cfg.eval_dataset, cfg.eval_root, self.spec, shards.num_classes, self.teacher,
                                    device, cfg.eval_limit) if cfg.eval_dataset and ranks.main else None
-        self.stream = build_stream(cfg, shards, ranks)
+        held_out = held_out_rows(shards.rows, cfg.holdout)
+        self.stream = build_stream(cfg, shards, ranks, held_out)
+        self.pick = HardestViews(cfg.batch_size // ranks.world, cfg.temperature, shards.num_classes) \
+            if cfg.candidates > 1 else None
+        self.holdout = HeldOutAgreement.of(self.stream, held_out, self.normalize, device) if ranks.main else None
 
     def start(self) -> None:
         """Wrap for DDP (after a resume: every rank starts from rank 0's weights) and open the run folder."""
@@ -140,24 +139,28 @@ class Trainer:
         if self.ranks.main:
             (self.cfg.out / "config.json").write_text(json.dumps(self.cfg.resolved(), indent=1))
 
-    def train_step(self, batch: dict[str, Any]) -> tuple[LossTerms, torch.Tensor, torch.Tensor]:
-        """One optimiser step on one batch: augment, mix, label (stored or online), forward, backward."""
+    def train_step(self, batch: dict[str, Any]) -> tuple[LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimiser step on one batch: augment, mix, label (stored or online), keep the hardest views (with
+        --candidates), weight, forward, backward. Returns the loss terms, the student's logits, the targets and
+        the rows trained on."""
         cfg, device, state = self.cfg, self.device, self.state
         generator = step_generator(cfg.seed, state.step, self.ranks.rank)
         images = random_crop_flip(batch["pixels"].to(device, non_blocking=True), cfg.crop_padding, cfg.flip,
                                   generator)
         inputs = self.normalize(images)
-        if cfg.mixup > 0:
-            inputs = mix(inputs, cfg.mixup, cfg.seed, state.step, self.ranks.rank)
+        if cfg.mixup > 0 or cfg.cutmix > 0:
+            inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, state.step, self.ranks.rank)
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
-            if self.teacher is not None:
-                with torch.inference_mode():
-                    targets = self.teacher.model(inputs).float()
-                targets = targets.clone()
-            else:
-                targets = batch["logits"].to(device, non_blocking=True)
+            targets = self.targets(inputs, batch)
+            if self.pick is not None:
+                chosen = self.pick(state.student, inputs, targets)
+                inputs, targets = inputs[chosen], targets[chosen]
+                batch = {name: batch[name][chosen.cpu()] for name in ("index", "weight", "embedding") if name in batch}
             weights = batch["weight"].to(device) if cfg.weighting == "loss" else None
+            if cfg.balance_views:
+                balanced = balanced_class_weights(targets)
+                weights = balanced if weights is None else balanced * weights
             embedding = batch["embedding"].to(device) if cfg.feature_weight > 0 else None
             terms, logits = self.step_module(inputs, targets, weights, embedding)
         state.optimizer.zero_grad(set_to_none=True)
@@ -165,10 +168,20 @@ class Trainer:
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
-        return terms, logits, targets
+        return terms, logits, targets, batch["index"]
+
+    def targets(self, inputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
+        """The teacher's logits on the views (online) or its stored logits on the rows."""
+        if self.teacher is None:
+            return batch["logits"].to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            targets = self.teacher.model(inputs).float()
+        return targets.clone()  # out of inference mode, so autograd may use it
 
     def evaluate(self) -> dict[str, float]:
-        figures = self.evaluator(self.state.student)
+        figures = self.evaluator(self.state.student) if self.evaluator is not None else {}
+        if self.holdout is not None:
+            figures.update(self.holdout(self.state.student))
         self.state.student.train()
         return figures
 
@@ -180,14 +193,14 @@ class Trainer:
                             sampler=itertools.islice(self.stream.keys(state.reader), self.steps - state.step),
                             prefetch_factor=4 if workers else None, pin_memory=self.device.type == "cuda")
         logger = MetricsLogger(cfg.out, ranks, self.steps, state.step, cfg.log_every, cfg.eval_every,
-                               self.evaluate if self.evaluator is not None else None,
+                               self.evaluate if self.evaluator is not None or self.holdout is not None else None,
                                lambda: state.scheduler.get_last_lr()[0], state.history)
         with logger:
             state.student.train()
             for batch in loader:
-                terms, logits, targets = self.train_step(batch)
+                terms, logits, targets, rows = self.train_step(batch)
                 if recorder is not None:
-                    recorder.write(state.step, batch["key"][0], batch["index"])
+                    recorder.write(state.step, batch["key"][0], rows)
                 state.step += 1
                 state.reader = ReaderState(batch["key"][0], batch["key"][1] + 1)
                 logger.step(state.step, state.reader.epoch, terms.total,
@@ -210,17 +223,8 @@ class Trainer:
 
     def save_student(self) -> None:
         """The student in the checkpoint format teachers use (rank 0), with the curves' PNG."""
-        cfg, manifest, history = self.cfg, self.shards.manifest, self.state.history
-        meta = {**{k: v for k, v in manifest["teacher"]["meta"].items() if k not in ("history", "config")},
-                "arch": cfg.student, "width": cfg.width, "distilled_from": manifest["teacher"]["fingerprint"],
-                "distill_config": cfg.resolved(), "steps": self.steps}
-        last_eval = next((r for r in reversed(history) if "eval_accuracy" in r), None)
-        if last_eval is not None:
-            meta["test_accuracy"] = last_eval["eval_accuracy"]
-        student = self.state.student.to("cpu", memory_format=torch.contiguous_format)
-        save_model(student, meta, cfg.out / "student.pt", "checkpoint", arch=cfg.student,
-                   arch_options={"width": cfg.width})
-        plot_curves(history, cfg.out / "curves.png")
+        save_student(self.state.student, self.cfg, self.shards.manifest, self.steps, self.state.history)
+        plot_curves(self.state.history, self.cfg.out / "curves.png")
 
 
 def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from curate.pools import open_pool
 from curate.spec import InputSpec
 from curate.teachers import Flags, Teacher, load_teacher, read_meta_file
 from train.data import labeled_batches, make_loader
+from train.shards import ShardBatches, held_out_pairs
 
 
 @torch.inference_mode()
@@ -74,6 +75,38 @@ class Evaluator:
         if self.teacher_preds is not None:
             result["agreement"] = float((preds == self.teacher_preds).float().mean())
         return result
+
+
+class HeldOutAgreement:
+    """Agreement with the teacher on shard rows held out of training (``--holdout``), from their stored logits:
+    a figure of fit that needs no label, by which recipes can be chosen. Reported overall and averaged over the
+    teacher's classes, so that a class the pool rarely shows counts as much as a common one."""
+
+    def __init__(self, rows: dict[str, torch.Tensor], normalize: Callable[[torch.Tensor], torch.Tensor],
+                 device: torch.device, batch_size: int = 512) -> None:
+        self.images = rows["pixels"].split(batch_size)
+        self.teacher_preds = rows["logits"].float().argmax(1)
+        self.normalize, self.device = normalize, device
+
+    @classmethod
+    def of(cls, stream: ShardBatches, held_out: np.ndarray | None, normalize: Callable[[torch.Tensor], torch.Tensor],
+           device: torch.device) -> HeldOutAgreement | None:
+        """The held-out rows of ``stream``'s shards (None: none held out)."""
+        if held_out is None:
+            return None
+        if not held_out.any():
+            raise UserError(f"--holdout keeps none of the {len(held_out):,} rows out of training: raise it")
+        return cls(stream.rows(*held_out_pairs(stream.shards, held_out)), normalize, device)
+
+    @torch.inference_mode()
+    def __call__(self, model: torch.nn.Module) -> dict[str, float]:
+        model.eval()
+        preds = torch.cat([model(self.normalize(x.to(self.device))).argmax(1).cpu() for x in self.images])
+        model.train()
+        agrees = (preds == self.teacher_preds).float()
+        per_class = [agrees[self.teacher_preds == c].mean() for c in self.teacher_preds.unique()]
+        return {"holdout_agreement": float(agrees.mean()),
+                "holdout_class_agreement": float(torch.stack(per_class).mean())}
 
 
 def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path | None, trust_pickle: bool,

@@ -52,6 +52,21 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]] =
 }
 
 
+def balanced_class_weights(teacher_logits: torch.Tensor, cap: float = 5.0) -> torch.Tensor:
+    """Per-sample weights that give every class an equal share of the batch's loss, by the teacher's labels of the
+    views the student actually sees (augmented, mixed): the inverse of the batch's soft class frequency averaged
+    under the sample's own class probabilities, capped at ``cap`` times the mean and scaled to mean 1.
+
+    Why: on a pool that holds little of the task the teacher calls most views one or two classes, and
+    augmentation pulls even a balanced selection back toward them; reweighting what is seen restores the
+    balance the selection aimed at, without reading anything more."""
+    probs = teacher_logits.float().softmax(1)
+    frequency = probs.mean(0).clamp_min(1e-6)
+    weights = (probs / (len(frequency) * frequency)).sum(1)
+    weights = torch.minimum(weights, cap * weights.mean())
+    return weights / weights.mean()
+
+
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     if weights is None:
         return values.mean()

@@ -1,10 +1,12 @@
-"""Optimisers and the learning-rate schedule shared by `train teacher` and `train distill`."""
+"""Optimisers, the learning-rate schedule and mixed precision, for `train teacher` and `train distill`."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from curate.device import fast_bf16
 
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -30,3 +32,11 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int,
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def mixed_precision(amp: bool | None, device: torch.device) -> tuple[bool, torch.dtype, torch.amp.GradScaler]:
+    """(autocast on, its dtype, the gradient scaler): bf16 where the device has it, else fp16 with a scaler
+    (bf16 needs none); ``amp`` None turns autocast on where bf16 is fast (``fast_bf16``)."""
+    enabled = fast_bf16(device) if amp is None else amp
+    dtype = torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    return enabled, dtype, torch.amp.GradScaler("cuda", enabled=enabled and dtype == torch.float16)

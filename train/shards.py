@@ -8,7 +8,7 @@ the manifest, computed before any pixel is read:
    per DataLoader worker, so a worker mostly reads its own shards);
 2. within a lane, windows of ``window_groups`` consecutive row groups are shuffled (a shuffle buffer
    whose contents are known in advance); with ``weighted`` the window is instead drawn with replacement
-   in proportion to the ``weight`` column;
+   in proportion to the ``weight`` column; held-out rows (``held_out_rows``) are left out;
 3. lanes are cut into batches and interleaved round-robin (a lane that runs out drops out).
 
 Batch ``k`` of an epoch is therefore known without reading batches ``0..k-1``: resuming at any batch is
@@ -35,6 +35,8 @@ from curate.errors import UserError
 from curate.selected import CuratedShards
 from curate.vectors import float_lists
 
+HOLDOUT_SEED = 20_161  # not the run's seed: every run on the same shards holds out the same rows
+
 
 @dataclass
 class ReaderState:
@@ -57,7 +59,7 @@ class EpochPlan:
 
     def __init__(self, shards: CuratedShards, batch_size: int, seed: int, epoch: int, rank: int = 0,
                  world: int = 1, lanes: int = 1, window_groups: int = 8, weighted: bool = False,
-                 drop_last: bool = True) -> None:
+                 held_out: np.ndarray | None = None, drop_last: bool = True) -> None:
         rng = np.random.default_rng([seed, epoch])
         order = rng.permutation(len(shards.files))
         segments = self._rank_segments(shards, order, rank, world)
@@ -68,7 +70,8 @@ class EpochPlan:
         for lane in range(lanes):
             lane_shards = set(mine[lane::lanes])
             shard_ids, rows = self._lane_rows(shards, [g for g in segments if g[0] in lane_shards], offsets,
-                                              window_groups, weighted, np.random.default_rng([seed, epoch, rank, lane]))
+                                              window_groups, weighted, held_out,
+                                              np.random.default_rng([seed, epoch, rank, lane]))
             count = len(rows) // batch_size if drop_last else -(-len(rows) // batch_size)
             cuts = [slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
             lane_batches.append([(shard_ids[cut], rows[cut]) for cut in cuts])
@@ -94,12 +97,18 @@ class EpochPlan:
 
     @staticmethod
     def _lane_rows(shards: CuratedShards, groups: list[tuple[int, int, int]], offsets: np.ndarray,
-                   window_groups: int, weighted: bool, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                   window_groups: int, weighted: bool, held_out: np.ndarray | None,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         out_shard, out_row = [], []
         for w in range(0, len(groups), window_groups):
             window = groups[w:w + window_groups]
             shard_of = np.concatenate([np.full(n, s, np.int32) for s, _, n in window])
             row_of = np.concatenate([np.arange(start, start + n, dtype=np.int32) for _, start, n in window])
+            if held_out is not None:
+                kept = ~held_out[offsets[shard_of] + row_of]
+                shard_of, row_of = shard_of[kept], row_of[kept]
+                if not len(row_of):
+                    continue
             if weighted:
                 p = shards.weights[offsets[shard_of] + row_of].astype(np.float64)
                 pick = rng.choice(len(p), size=len(p), replace=True, p=p / p.sum())
@@ -186,7 +195,12 @@ class ShardBatches(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, k = key
-        shard_ids, rows = self.plan(epoch).batches[k]
+        batch = self.rows(*self.plan(epoch).batches[k])
+        batch["key"] = key
+        return batch
+
+    def rows(self, shard_ids: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The given (shard, row) pairs, in that order, as a dict of tensors."""
         parts: dict[str, list[np.ndarray]] = {}
         for shard in np.unique(shard_ids):
             in_shard = np.flatnonzero(shard_ids == shard)
@@ -201,10 +215,22 @@ class ShardBatches(Dataset):
                 parts.setdefault("index", []).append(self._offsets[shard] + rows[take])
                 parts.setdefault("position", []).append(take)
         position = np.argsort(np.concatenate(parts.pop("position")))  # back to the plan's order
-        batch: dict[str, Any] = in_one_buffer({name: np.concatenate(values)[position]
-                                               for name, values in parts.items()})
-        batch["key"] = key
-        return batch
+        return in_one_buffer({name: np.concatenate(values)[position] for name, values in parts.items()})
+
+
+def held_out_rows(rows: int, fraction: float) -> np.ndarray | None:
+    """Which of ``rows`` rows (manifest order) are held out of training: a fixed draw, the same for every seed,
+    recipe and process count, so runs on the same shards are compared on the same held-out rows."""
+    if fraction <= 0:
+        return None
+    return np.random.default_rng(HOLDOUT_SEED).random(rows) < fraction
+
+
+def held_out_pairs(shards: CuratedShards, held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(shard, row) of every held-out row, in manifest order."""
+    index = np.flatnonzero(held_out)
+    shard = np.searchsorted(shards.row_offsets, index, side="right") - 1
+    return shard.astype(np.int32), (index - shards.row_offsets[shard]).astype(np.int32)
 
 
 def in_one_buffer(arrays: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,100 @@
+"""The levers aimed at class coverage when the pool holds little of the task: CutMix, balanced view weights,
+student-adaptive selection (``--candidates``), and the held-out rows that compare recipes without labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from curate.selected import CuratedShards
+from train.adaptive import hardest_within_classes
+from train.augment import mix
+from train.distill import DistillConfig, distill
+from train.losses import balanced_class_weights
+from train.row_audit import read_recorded_rows
+from train.shards import EpochPlan, held_out_rows
+
+
+def constant_images(n: int = 16, size: int = 12) -> torch.Tensor:
+    """Sample i is an image filled with the value i, so every output pixel says which sample it came from."""
+    return torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1).expand(n, 1, size, size).clone()
+
+
+def test_cutmix_pastes_one_box_of_one_other_sample_over_at_most_half_the_image() -> None:
+    images = constant_images()
+    mixed = mix(images, mixup=0.0, cutmix=1.0, seed=3, step=7)
+    assert torch.equal(mixed, mix(images, mixup=0.0, cutmix=1.0, seed=3, step=7))  # seeded by (seed, step)
+    pasted_somewhere = False
+    for i, image in enumerate(mixed[:, 0]):
+        others = image != i
+        sources = image[others].unique()
+        assert len(sources) <= 1  # one other sample
+        assert others.float().mean() <= 0.5 + 1e-6  # the sample keeps the larger share
+        if others.any():
+            pasted_somewhere = True
+            rows, cols = others.any(1).nonzero()[:, 0], others.any(0).nonzero()[:, 0]
+            box = others[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+            assert box.all() and int(box.sum()) == int(others.sum())  # one filled rectangle
+    assert pasted_somewhere
+
+
+def test_mixup_blends_whole_images_and_both_switch_per_step() -> None:
+    images = constant_images()
+    blended = mix(images, mixup=0.4, cutmix=0.0, seed=3, step=7)
+    assert all(len(b.unique()) == 1 for b in blended[:, 0])  # a blend of two constants is a constant
+    kinds = {all(len(b.unique()) == 1 for b in mix(images, 0.4, 1.0, seed=3, step=s)[:, 0]) for s in range(20)}
+    assert kinds == {True, False}  # with both, some steps blend and some paste
+
+
+def test_hardest_within_classes_fills_equal_quotas_then_the_largest_gaps() -> None:
+    classes = torch.tensor([0, 0, 0, 0, 1, 1, 2, 0])
+    gap = torch.tensor([0.1, 0.9, 0.5, 0.8, 0.2, 0.3, 0.05, 0.7])
+    chosen = hardest_within_classes(gap, classes, keep=6, num_classes=3)
+    # quota 2 per class: class 0 -> 1, 3; class 1 -> 5, 4; class 2 has one candidate -> 6; one slot left -> 7
+    assert sorted(chosen.tolist()) == [1, 3, 4, 5, 6, 7]
+    assert len(set(chosen.tolist())) == 6
+
+
+def test_balanced_view_weights_give_every_seen_class_an_equal_share() -> None:
+    logits = torch.full((100, 3), -10.0)
+    logits[:80, 0] = logits[80:95, 1] = logits[95:, 2] = 10.0  # 80 / 15 / 5 views per class
+    weights = balanced_class_weights(logits, cap=100.0)
+    shares = torch.stack([weights[:80].sum(), weights[80:95].sum(), weights[95:].sum()])
+    assert torch.allclose(shares / shares.sum(), torch.full((3,), 1 / 3), atol=1e-3)
+    assert weights.mean().item() == pytest.approx(1.0)
+    capped = balanced_class_weights(logits, cap=3.0)
+    assert capped.mean().item() == pytest.approx(1.0) and capped[95:].max() < weights[95:].max()
+
+
+def test_held_out_rows_are_fixed_and_never_planned(selected: Path) -> None:
+    shards = CuratedShards.open(selected)
+    held = held_out_rows(shards.rows, 0.2)
+    assert held is not None and 0.1 < held.mean() < 0.3
+    assert np.array_equal(held, held_out_rows(shards.rows, 0.2)) and held_out_rows(shards.rows, 0.0) is None
+    for seed in (0, 1):
+        plan = EpochPlan(shards, 32, seed, epoch=0, held_out=held)
+        planned = np.concatenate([shards.row_offsets[s] + r for s, r in plan.batches])
+        assert not held[planned].any()
+        assert len(planned) > 0.7 * shards.rows - 32
+
+
+@pytest.mark.slow
+def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agreement(
+        selected: Path, teacher_path: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cfg = DistillConfig(shards=selected, out=out, teacher=teacher_path, cutmix=1.0, mixup=0.4, balance_views=True,
+                        candidates=2.0, holdout=0.2, steps=8, batch_size=32, log_every=4, eval_every=4,
+                        record_rows=True, width=0.25, workers=0, device="cpu")
+    history = distill(cfg)["history"]
+    assert [r["step"] for r in history] == [4, 8]
+    for record in history:
+        assert 0 <= record["eval_holdout_agreement"] <= 1 and 0 <= record["eval_holdout_class_agreement"] <= 1
+    rows = read_recorded_rows(out)
+    assert len(rows) == 8 * 32  # candidates are read two per row trained on, only the chosen are trained on
+    held = held_out_rows(CuratedShards.open(selected).rows, 0.2)
+    assert not held[rows[:, 2]].any()
+    assert json.loads((out / "config.json").read_text())["candidates"] == 2.0
