@@ -29,18 +29,24 @@ class Profile:
     batch_size: int
     eval_every: int
     eval_limit: int  # test images per curve point (the final accuracy uses all 10,000)
-    seeds: tuple[int, ...]
-    ablation_seed: int | None  # None: no ablation
+    teachers: tuple[int, ...]  # teacher seeds: each teacher has its own scores, selections and students
+    seeds: tuple[int, ...]  # student seeds, per teacher
+    ablation: bool  # one ingredient at a time, which also chooses the recipe of `related+signal`
+    holdout: float = 0.05  # shard rows kept out of training, where agreement with the teacher is measured
 
 
 PROFILES = {
     "quick": Profile("quick", pool_scale=0.05, original_scale=0.1, teacher_epochs=2, teacher_limit=6000, budget=2000,
-                     student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, seeds=(1,),
-                     ablation_seed=None),
+                     student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, teachers=(0,),
+                     seeds=(1,), ablation=False),
     "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None,
-                       budget=20000, student_width=0.5, steps=600, batch_size=128, eval_every=50, eval_limit=1000,
-                       seeds=(1, 2, 3), ablation_seed=0),
+                       budget=20000, student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000,
+                       teachers=(0,), seeds=(1,), ablation=False),
+    "full": Profile("full", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None, budget=20000,
+                    student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000, teachers=(0, 1),
+                    seeds=(1, 2, 3), ablation=True),
 }
+TUNING_SEED = 0  # the ablation's student seed, never one of the final table's
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,10 @@ class Recipe:
 
     online_teacher: bool = False  # the teacher labels every augmented view
     mixup: float | None = None
+    cutmix: float | None = None
+    balance_views: bool = False
+    boundary_views: float | None = None
+    candidates: float | None = None
     hard_weight: float | None = None
     feature_weight: float | None = None
     temperature: float | None = None
@@ -57,25 +67,39 @@ class Recipe:
     def options(self, teacher: Path | str) -> list[str]:
         """Options of `train distill`, with ``teacher`` the teacher file."""
         argv = ["--teacher", str(teacher)] if self.online_teacher else []
-        for name in ("mixup", "hard_weight", "feature_weight", "temperature"):
+        for name in ("mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight", "temperature"):
             if (value := getattr(self, name)) is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
-        return argv
+        return argv + (["--balance-views"] if self.balance_views else [])
 
 
-# The learning-signal ingredients, each tried alone on top of `related` (the ablation).
+STORED_LOGITS = Recipe()
+# The ablation: each ingredient alone on top of `related` (KD on stored logits), then the recipes that combine
+# them. Every row is a candidate recipe for `related+signal`; the `full` profile takes the one that agrees best
+# with the teacher on held-out pool rows, averaged over the teacher's classes (no test label is used).
+ONLINE_MIXUP = Recipe(online_teacher=True, mixup=0.4)
 INGREDIENTS = {
     "online teacher": Recipe(online_teacher=True),
-    "online teacher + mixup": Recipe(online_teacher=True, mixup=0.4),
+    "online teacher + mixup": ONLINE_MIXUP,
+    "online teacher + CutMix": Recipe(online_teacher=True, cutmix=1.0),
+    "online teacher + boundary views": Recipe(online_teacher=True, boundary_views=0.25),
+    "balanced views": Recipe(balance_views=True),
+    "adaptive selection": Recipe(candidates=2),
     "hard-label term": Recipe(hard_weight=0.5),
     "feature matching": Recipe(feature_weight=1.0),
     "temperature 2": Recipe(temperature=2),
 }
-# The recipe of `related+signal`, fixed before the runs from the prototype (DESIGN.md: online views + mixup
-# gave +1 point on no-fashion); the ablation reports what each ingredient does here, on a seed the final table
-# does not use.
-SIGNAL = INGREDIENTS["online teacher + mixup"]
-STORED_LOGITS = Recipe()
+COMBINATIONS = {
+    "online teacher + mixup + balanced views": Recipe(online_teacher=True, mixup=0.4, balance_views=True),
+    "online teacher + mixup + adaptive selection": Recipe(online_teacher=True, mixup=0.4, candidates=2),
+    "online teacher + mixup + CutMix + adaptive selection": Recipe(online_teacher=True, mixup=0.4, cutmix=1.0,
+                                                                   candidates=2),
+}
+CANDIDATES = {"related (KD on stored logits)": STORED_LOGITS, **INGREDIENTS, **COMBINATIONS}
+# The recipe of `related+signal` in profiles without the ablation: the one the `full` profile chose
+# (results/full/report.md, "How the recipe was chosen").
+CHOSEN = "online teacher + mixup"
+RECIPE_CRITERION = "eval_holdout_class_agreement"  # from the run's last metrics line
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,7 @@ class Run:
     label: str  # arm or ablation line
     data: str  # which export it reads: original, uniform or related
     pool: str
+    teacher: int
     seed: int
     recipe: Recipe
     folder: Path
@@ -90,41 +115,54 @@ class Run:
 
 @dataclass(frozen=True)
 class Design:
-    """One experiment: its profile, where it writes (``out``), where the data is read (``root``)."""
+    """One experiment: its profile, where it writes (``out``), where the data is read (``root``). Everything
+    that depends on a teacher lives in ``out/teacher<seed>/``."""
 
     profile: Profile
     out: Path
     root: Path | None
 
+    def base(self, teacher: int) -> Path:
+        return self.out / f"teacher{teacher}"
+
+    def teacher(self, teacher: int) -> Path:
+        return self.base(teacher) / "teacher.pt"
+
+    def scored(self, teacher: int, name: str) -> Path:
+        return self.base(teacher) / "scored" / name
+
+    def selection(self, teacher: int, arm: str, pool: str) -> Path:
+        return self.base(teacher) / "selections" / f"{arm}-{pool}.parquet"
+
+    def shards(self, teacher: int, arm: str, pool: str) -> Path:
+        return self.base(teacher) / "shards" / f"{arm}-{pool}"
+
+    def run_dir(self, teacher: int, arm: str, pool: str, seed: int) -> Path:
+        return self.base(teacher) / "runs" / arm.replace("+", "-") / pool / f"seed{seed}"
+
     @property
-    def teacher(self) -> Path:
-        return self.out / "teacher.pt"
+    def recipe_file(self) -> Path:
+        return self.out / "recipe.json"
 
-    def scored(self, name: str) -> Path:
-        return self.out / "scored" / name
+    def ablation_runs(self) -> list[Run]:
+        """Every candidate recipe on `related` / no-fashion, first teacher, the tuning seed (empty without the
+        ablation)."""
+        if not self.profile.ablation:
+            return []
+        t = self.profile.teachers[0]
+        return [Run(name, "related", "no-fashion", t, TUNING_SEED, recipe, self.base(t) / "ablation" / _slug(name))
+                for name, recipe in CANDIDATES.items()]
 
-    def selection(self, arm: str, pool: str) -> Path:
-        return self.out / "selections" / f"{arm}-{pool}.parquet"
-
-    def shards(self, arm: str, pool: str) -> Path:
-        return self.out / "shards" / f"{arm}-{pool}"
-
-    def run_dir(self, arm: str, pool: str, seed: int) -> Path:
-        return self.out / "runs" / arm.replace("+", "-") / pool / f"seed{seed}"
-
-    def distill_runs(self) -> list[Run]:
-        """Every student to train, in order: the arms over their pools and seeds, then the ablation."""
-        p = self.profile
-        runs = [Run("original", "original", "original", s, STORED_LOGITS, self.run_dir("original", "original", s))
-                for s in p.seeds]
-        for arm in ARMS[1:]:
-            data = "uniform" if arm == "uniform" else "related"
-            recipe = SIGNAL if arm == "related+signal" else STORED_LOGITS
-            runs += [Run(arm, data, pool, s, recipe, self.run_dir(arm, pool, s)) for pool in POOLS for s in p.seeds]
-        if p.ablation_seed is not None:
-            for name, recipe in {"related (KD on stored logits)": STORED_LOGITS, **INGREDIENTS}.items():
-                runs.append(Run(name, "related", "no-fashion", p.ablation_seed, recipe,
-                                self.out / "ablation" / _slug(name)))
+    def arm_runs(self, signal: Recipe) -> list[Run]:
+        """Every student of the final table: per teacher, the arms over their pools and seeds."""
+        runs = []
+        for t in self.profile.teachers:
+            for arm in ARMS:
+                data = {"original": "original", "uniform": "uniform"}.get(arm, "related")
+                recipe = signal if arm == "related+signal" else STORED_LOGITS
+                for pool in ["original"] if arm == "original" else POOLS:
+                    runs += [Run(arm, data, pool, t, s, recipe, self.run_dir(t, arm, pool, s))
+                             for s in self.profile.seeds]
         return runs
 
 

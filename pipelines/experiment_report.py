@@ -22,7 +22,7 @@ from curate.query.export import reopen_pool
 from curate.query.scored import ScoredPool, sql_string
 from curate.spec import InputSpec
 from curate.teachers import load_teacher
-from pipelines.design import ARMS, HIDDEN_SOURCE, POOLS, REPO, SIGNAL, TEST_SET, Design, Run
+from pipelines.design import ARMS, HIDDEN_SOURCE, POOLS, REPO, TEST_SET, Design, Recipe, Run
 from pipelines.steps import StepRunner
 from train.evaluate import Evaluator
 
@@ -44,28 +44,31 @@ def cached_json(path: Path, source: Path, compute: Callable[[], Any]) -> Any:
 
 
 class TestSet:
-    """Figures on the whole test split, computed once per model file and cached next to it; the split and the
+    """Figures on the whole test split, computed once per model file and cached next to it; the split and each
     teacher's predictions are loaded only when a figure is missing, so rewriting the report costs seconds."""
 
     def __init__(self, design: Design) -> None:
         self.design = design
+        self.evaluators: dict[int, Evaluator] = {}
 
-    @functools.cached_property
-    def evaluator(self) -> Evaluator:
-        device = pick_device("auto")
-        teacher = load_teacher(self.design.teacher, device=device)
-        return Evaluator(TEST_SET, self.design.root, teacher.spec, teacher.num_classes, teacher, device,
-                         batch_size=1000)
+    def evaluator(self, t: int) -> Evaluator:
+        if t not in self.evaluators:
+            device = pick_device("auto")
+            teacher = load_teacher(self.design.teacher(t), device=device)
+            self.evaluators[t] = Evaluator(TEST_SET, self.design.root, teacher.spec, teacher.num_classes, teacher,
+                                           device, batch_size=1000)
+        return self.evaluators[t]
 
-    def teacher_accuracy(self) -> float:
-        teacher = self.design.teacher
+    def teacher_accuracy(self, t: int) -> float:
+        teacher = self.design.teacher(t)
         return cached_json(teacher.with_name("teacher_eval.json"), teacher,
-                           lambda: {"accuracy": self.evaluator.teacher_accuracy})["accuracy"]
+                           lambda: {"accuracy": self.evaluator(t).teacher_accuracy})["accuracy"]
 
-    def final(self, run: Run) -> dict[str, float]:
+    def final(self, run: Run) -> dict[str, Any]:
         student = run.folder / "student.pt"
+        evaluate = functools.partial(self.evaluator, run.teacher)
         return cached_json(run.folder / "final_eval.json", student,
-                           lambda: self.evaluator(load_teacher(student, device=self.evaluator.device).model))
+                           lambda: evaluate()(load_teacher(student, device=evaluate().device).model, per_class=True))
 
 
 def curve(run: Run) -> list[tuple[int, float]]:
@@ -73,32 +76,40 @@ def curve(run: Run) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_accuracy"]) for r in map(json.loads, lines) if "eval_accuracy" in r]
 
 
+def last_metrics(run: Run) -> dict[str, Any]:
+    return json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[-1])
+
+
 def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
-    """Mean and spread over seeds of one arm on one pool, with the mean curve."""
+    """Mean and spread over every teacher and student seed of one arm on one pool, with the mean curve."""
     finals = [test.final(r) for r in runs]
     curves = [curve(r) for r in runs]
     steps = [s for s, _ in curves[0]]
     mean_curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in steps]
     accuracy = [f["accuracy"] for f in finals]
+    held_out = [last_metrics(r)["eval_holdout_class_agreement"] for r in runs]
     return {"accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1)) if len(runs) > 1
-            else 0.0, "agreement": float(np.mean([f["agreement"] for f in finals])), "seeds": [r.seed for r in runs],
-            "per_seed_accuracy": accuracy, "curve": mean_curve}
+            else 0.0, "agreement": float(np.mean([f["agreement"] for f in finals])),
+            "holdout_class_agreement": float(np.mean(held_out)),
+            "per_class_accuracy": np.mean([f["per_class_accuracy"] for f in finals], axis=0).tolist(),
+            "runs": [{"teacher": r.teacher, "seed": r.seed, "accuracy": a} for r, a in zip(runs, accuracy)],
+            "curve": mean_curve}
 
 
 def steps_to(curve_points: list[list[float]], target: float) -> int | None:
     return next((int(step) for step, accuracy in curve_points if accuracy >= target), None)
 
 
-def selection_quality(design: Design) -> dict[str, dict[str, Any]]:
-    """Per pool and selection: rows, how much of it is the hidden Fashion-MNIST half (precision) and how much
-    of that half it found (recall)."""
-    selections = [design.selection(arm, pool) for pool in POOLS for arm in ("uniform", "related")]
-    con = ScoredPool.open(design.scored("pool")).connect(other_files=tuple(selections))
+def selection_quality(design: Design, t: int) -> dict[str, dict[str, Any]]:
+    """Per pool and selection of teacher ``t``: rows, how much of it is the hidden Fashion-MNIST half (precision)
+    and how much of that half it found (recall)."""
+    selections = [design.selection(t, arm, pool) for pool in POOLS for arm in ("uniform", "related")]
+    con = ScoredPool.open(design.scored(t, "pool")).connect(other_files=tuple(selections))
     hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = '{HIDDEN_SOURCE}'").fetchone()[0]
     quality: dict[str, dict[str, Any]] = {}
     for pool in POOLS:
         for arm in ("uniform", "related"):
-            path = sql_string(str(design.selection(arm, pool)))
+            path = sql_string(str(design.selection(t, arm, pool)))
             rows, found, classes = con.execute(f"""
                 SELECT count(*), count(*) FILTER (WHERE s.source = '{HIDDEN_SOURCE}'), count(DISTINCT s.pred)
                 FROM read_parquet({path}) sel JOIN scores s USING (uid)""").fetchone()
@@ -134,14 +145,14 @@ def plot_curves(results: dict[str, Any], pools: list[str], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_sample_grid(design: Design, path: Path, per_source: int = 8) -> None:
-    """A row of pool images per source, as the teacher sees them, with their relatedness."""
+def plot_sample_grid(design: Design, t: int, path: Path, per_source: int = 8) -> None:
+    """A row of pool images per source, as teacher ``t`` sees them, with their relatedness."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scored = ScoredPool.open(design.scored("pool"))
+    scored = ScoredPool.open(design.scored(t, "pool"))
     pool = reopen_pool(scored, design.root)
     geometry = InputSpec.from_meta(scored.teacher_meta).geometry()
     con = scored.connect()
@@ -174,13 +185,32 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
-def write_experiment_report(design: Design, runner: StepRunner) -> Path:
-    out = design.out
+def _spread(values: list[float]) -> str:
+    return f" ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
+
+
+def per_class_table(results: dict[str, Any]) -> list[str]:
+    """Test accuracy per class of the `no-fashion` students (with `original` for reference): which classes
+    a pool without the task's images cannot teach."""
+    columns = [("original", "original")] + [(arm, "no-fashion") for arm in ARMS[1:]]
+    lines = ["## Per class, pool `no-fashion`", "",
+             "| class | " + " | ".join(f"{arm}" + ("" if pool == "original" else f" ({pool})")
+                                      for arm, pool in columns) + " |",
+             "|---|" + "---:|" * len(columns)]
+    for c, name in enumerate(results["class_names"]):
+        cells = [_pct(results["arms"][arm][pool]["per_class_accuracy"][c]) for arm, pool in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) -> Path:
+    out, first = design.out, design.profile.teachers[0]
     test = TestSet(design)
-    runs = design.distill_runs()
-    arm_runs = [r for r in runs if r.label in ARMS]
-    results: dict[str, Any] = {"profile": design.profile.name, "teacher_accuracy": test.teacher_accuracy(),
-                               "arms": {}, "ablation": {}}
+    arm_runs = design.arm_runs(signal)
+    teachers = [test.teacher_accuracy(t) for t in design.profile.teachers]
+    results: dict[str, Any] = {"profile": design.profile.name, "teacher_accuracy": float(np.mean(teachers)),
+                               "teacher_accuracies": teachers, "class_names": class_names(design), "arms": {},
+                               "recipe": json.loads(design.recipe_file.read_text()), "ablation": {}}
     for arm in ARMS:
         for pool in ["original"] if arm == "original" else list(POOLS):
             group = [r for r in arm_runs if r.label == arm and r.pool == pool]
@@ -189,59 +219,82 @@ def write_experiment_report(design: Design, runner: StepRunner) -> Path:
     for arm in results["arms"].values():
         for entry in arm.values():
             entry["steps_to_90"] = steps_to(entry["curve"], target)
-    for run in runs:
-        if run.label not in ARMS:
-            results["ablation"][run.label] = {**test.final(run), "pool": run.pool, "seed": run.seed,
-                                              "options": run.recipe.options("teacher.pt")}
-    results["selection"] = selection_quality(design)
+    for run in design.ablation_runs():
+        final = test.final(run)
+        results["ablation"][run.label] = {
+            "accuracy": final["accuracy"], "agreement": final["agreement"], "pool": run.pool, "seed": run.seed,
+            "holdout_class_agreement": last_metrics(run)["eval_holdout_class_agreement"],
+            "holdout_agreement": last_metrics(run)["eval_holdout_agreement"],
+            "options": run.recipe.options("teacher.pt")}
+    results["selection"] = selection_quality(design, first)
     results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
     results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     plot_curves(results, list(POOLS), out / "curves.png")
     grid = out / "samples_by_source.png"
-    if not is_fresh(grid, design.scored("pool") / "_manifest.json"):
-        plot_sample_grid(design, grid)  # decodes photos: drawn again only when the pool was scored again
+    if not is_fresh(grid, design.scored(first, "pool") / "_manifest.json"):
+        plot_sample_grid(design, first, grid)  # decodes photos: drawn again only when the pool was scored again
     (out / "report.md").write_text(render_markdown(results, design))
     return out / "report.md"
+
+
+def class_names(design: Design) -> list[str]:
+    return ScoredPool.open(design.scored(design.profile.teachers[0], "pool")).class_names
 
 
 def render_markdown(results: dict[str, Any], design: Design) -> str:
     p = design.profile
     teacher_data = f"{p.teacher_limit:,} images of the first half" if p.teacher_limit else "the first half"
     original = results["arms"]["original"]["original"]
+    teachers = results["teacher_accuracies"]
+    students = f"{len(p.teachers)} teacher{'s' if len(p.teachers) > 1 else ''} x {len(p.seeds)} student " \
+               f"seed{'s' if len(p.seeds) > 1 else ''}"
     lines = [f"# Distilling a Fashion-MNIST teacher from heterogeneous pools (profile `{p.name}`)", "",
-             f"Teacher: resnet8 on {teacher_data} "
-             f"of Fashion-MNIST train, **{_pct(results['teacher_accuracy'])}** test accuracy. Student: resnet8 at "
-             f"width {p.student_width}, {p.steps:,} steps of {p.batch_size}, for every arm. Test: Fashion-MNIST's "
-             f"10,000 test images (curves: a seeded {p.eval_limit:,}-image subset). Seeds {list(p.seeds)}: mean ± "
-             "standard deviation.", "",
-             "| arm | pool | test accuracy | agreement with teacher | steps to 90% of original |",
-             "|---|---|---:|---:|---:|"]
+             f"Teacher: resnet8 on {teacher_data} of Fashion-MNIST train ({len(teachers)} seed"
+             f"{'s' if len(teachers) > 1 else ''}), **{_pct(results['teacher_accuracy'])}**{_spread(teachers)} "
+             f"test accuracy. Student: resnet8 at width {p.student_width}, {p.steps:,} steps of {p.batch_size} "
+             f"for every arm, {100 * p.holdout:.0f}% of its shard rows held out. Test: Fashion-MNIST's 10,000 test "
+             f"images (curves: a seeded {p.eval_limit:,}-image subset). Figures: mean ± standard deviation over "
+             f"{students}.", "",
+             "| arm | pool | test accuracy | agreement with teacher | held-out agreement | steps to 90% of original |",
+             "|---|---|---:|---:|---:|---:|"]
     for arm in ARMS:
         for pool, entry in results["arms"][arm].items():
-            spread = f" ± {100 * entry['accuracy_std']:.1f}" if len(entry["seeds"]) > 1 else ""
+            spread = _spread([r["accuracy"] for r in entry["runs"]])
             lines.append(f"| {arm} | {pool} | {_pct(entry['accuracy'])}{spread} | {_pct(entry['agreement'])} | "
+                         f"{_pct(entry['holdout_class_agreement'])} | "
                          f"{entry['steps_to_90'] if entry['steps_to_90'] is not None else 'never'} |")
-    lines += ["", f"`steps to 90% of original`: first evaluated step whose accuracy reaches "
-              f"{_pct(STEPS_TO_FRACTION * original['accuracy'])}.", "", "![accuracy vs steps](curves.png)", ""]
-    signal = " ".join(SIGNAL.options("teacher.pt"))
+    lines += ["", f"`steps to 90% of original`: first evaluated step of the mean curve whose accuracy reaches "
+              f"{_pct(STEPS_TO_FRACTION * original['accuracy'])}. `held-out agreement`: agreement with the teacher "
+              "on the held-out shard rows, averaged over the teacher's classes (no label).", "",
+              "![accuracy vs steps](curves.png)", ""]
+    recipe = results["recipe"]
     lines += ["`related`: balanced over the teacher's predicted classes, each class's quota filled by relatedness, "
               "class weights as sampling probabilities, KD (T=4) on stored logits. `related+signal`: the same "
-              f"shards with `{signal}`.", ""]
+              f"shards with `{' '.join(recipe['options'])}` ({recipe['chosen']}).", ""]
+    lines += per_class_table(results)
+    lines += ["## How the recipe of `related+signal` was chosen", ""]
     if results["ablation"]:
+        lines += [f"Every candidate recipe trained once on `related` / `no-fashion` (teacher seed {p.teachers[0]}, "
+                  f"student seed {results['ablation'][next(iter(results['ablation']))]['seed']}, not among the final "
+                  "table's seeds); the chosen one agrees best with the teacher on the held-out shard rows, averaged "
+                  "over the teacher's classes. Test accuracy is shown, not used.", "",
+                  "| recipe | options | held-out agreement (criterion) | test accuracy | vs KD on stored logits |",
+                  "|---|---|---:|---:|---:|"]
         base = results["ablation"].get("related (KD on stored logits)", {}).get("accuracy")
-        lines += ["## Ablation: one learning-signal ingredient at a time on `related`", "",
-                  f"Pool `no-fashion`, seed {p.ablation_seed} (not among the final table's seeds).", "",
-                  "| ingredient | options | test accuracy | vs related | agreement |", "|---|---|---:|---:|---:|"]
         for name, entry in results["ablation"].items():
             delta = "" if base is None else f"{100 * (entry['accuracy'] - base):+.1f}"
-            options = " ".join(entry["options"]) or "(none)"
-            lines.append(f"| {name} | `{options}` | {_pct(entry['accuracy'])} | {delta} | {_pct(entry['agreement'])} |")
+            mark = "**" if name == recipe["chosen"] else ""
+            lines.append(f"| {mark}{name}{mark} | `{' '.join(entry['options']) or '(none)'}` | "
+                         f"{_pct(entry['holdout_class_agreement'])} | {_pct(entry['accuracy'])} | {delta} |")
         lines.append("")
-    lines += ["## Selections", "",
-              "Share of each selection taken from the hidden Fashion-MNIST half (precision) and share of that half "
-              "it took (recall); `no-fashion` excludes that source by construction.", "",
+    else:
+        lines += [f"This profile runs no ablation: it uses `{recipe['chosen']}`, the recipe chosen by "
+                  f"{recipe['chosen_by']} (agreement with the teacher on held-out shard rows; no test label).", ""]
+    lines += ["## Selections", "", f"Teacher seed {p.teachers[0]}. Share of each selection taken from the hidden "
+              "Fashion-MNIST half (precision) and share of that half it took (recall); `no-fashion` excludes that "
+              "source by construction.", "",
               "| pool | selection | rows | predicted classes | hidden Fashion-MNIST rows | precision | recall |",
               "|---|---|---:|---:|---:|---:|---:|"]
     for pool, arms in results["selection"].items():
@@ -249,8 +302,9 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
             lines.append(f"| {pool} | {arm} | {q['rows']:,} | {q['predicted_classes']} | "
                          f"{q['hidden_fashion_rows']:,} | "
                          f"{_pct(q['precision'])} | {_pct(q['recall'])} |")
+    reports = [f"[{pool}](teacher{p.teachers[0]}/selection-report/{pool}/report.md)" for pool in POOLS]
     lines += ["", "Composition of the `related` selections per source and per predicted class: "
-              + ", ".join(f"[{pool}](selection-report/{pool}/report.md)" for pool in POOLS) + ".", "",
+              + ", ".join(reports) + ".", "",
               "![pool samples per source](samples_by_source.png)", "",
               "## Wall time per stage", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds:,.0f} |" for stage, seconds in results["stage_seconds"].items()]

@@ -1,9 +1,11 @@
 """The experiment behind the project: distil a Fashion-MNIST teacher from heterogeneous unlabeled pools.
 
-    python -m pipelines.hetero_distill --profile default --out results/default   # about 30 min on 2 cores
-    python -m pipelines.hetero_distill --profile quick --out results/quick       # about 3 min
+    python -m pipelines.hetero_distill --profile default   # one teacher, one student per arm: ~30 min on 2 cores
+    python -m pipelines.hetero_distill --profile quick     # about 3 min
+    python -m pipelines.hetero_distill --profile full      # 2 teachers x 3 students per arm, the ablation: hours
 
-1. A `resnet8` teacher learns one half of Fashion-MNIST's training split (the "original data").
+1. A `resnet8` teacher learns one half of Fashion-MNIST's training split (the "original data"); `full` trains
+   two, from different seeds, and repeats steps 2-4 for each.
 2. It scores the `related-hidden` pool (the other half, labels hidden, among digits, glyphs, emoji, icons,
    photo patches and noise) and its own training images.
 3. Selections per pool: `uniform`, and `related` (balanced over the teacher's predicted classes, filled by
@@ -12,7 +14,9 @@
    and scored once.
 4. The same student, steps and batch size for every arm: `original` (the teacher's own images, no labels),
    `uniform` and `related` with plain KD on stored logits, `related+signal` with the better learning signal.
-   An ablation on `no-fashion` adds one ingredient at a time to `related`.
+   The ablation (`full`) trains every candidate recipe on `related` / `no-fashion` with a tuning seed and
+   chooses the recipe of `related+signal` by agreement with the teacher on held-out shard rows (no test
+   label); the other profiles use the recipe `full` chose.
 5. Every student is evaluated on Fashion-MNIST's test split; `results.json`, `report.md` and plots follow.
 
 Every step is one `curate`/`train` command (listed in the report) run with a completion marker, so running
@@ -28,7 +32,19 @@ from pathlib import Path
 
 from curate.errors import UserError
 from curate.query.scored import ScoredPool
-from pipelines.design import ORIGINAL_SPEC, POOL_SPEC, POOLS, PROFILES, TEST_SET, Design
+from pipelines.design import (
+    CANDIDATES,
+    CHOSEN,
+    ORIGINAL_SPEC,
+    POOL_SPEC,
+    POOLS,
+    PROFILES,
+    RECIPE_CRITERION,
+    TEST_SET,
+    Design,
+    Recipe,
+    Run,
+)
 from pipelines.experiment_report import write_experiment_report
 from pipelines.steps import Step, StepRunner, console
 
@@ -43,29 +59,29 @@ class Experiment:
     def root_options(self, flag: str = "--root") -> list[str]:
         return [flag, str(self.design.root)] if self.design.root else []
 
-    # -- stages ----------------------------------------------------------------------------------------------
+    # -- stages, per teacher ---------------------------------------------------------------------------------
 
-    def train_teacher(self) -> None:
+    def train_teacher(self, t: int) -> None:
         d, p = self.design, self.design.profile
         argv = ["train", "teacher", "--dataset", str(ORIGINAL_SPEC), "--test-dataset", TEST_SET, "--arch", "resnet8",
-                "--epochs", str(p.teacher_epochs), "--flip", "--seed", "0", "--out", str(d.teacher),
+                "--epochs", str(p.teacher_epochs), "--flip", "--seed", str(t), "--out", str(d.teacher(t)),
                 *self.root_options()]
         if p.teacher_limit:
             argv += ["--limit", str(p.teacher_limit)]
-        self.runner.run(Step("teacher", "train teacher", argv, output=d.teacher))
+        self.runner.run(Step(f"teacher{t}", "train teacher", argv, output=d.teacher(t)))
 
-    def score(self) -> None:
+    def score(self, t: int) -> None:
         d = self.design
         for name, spec, scale in (("pool", POOL_SPEC, d.profile.pool_scale),
                                   ("original", ORIGINAL_SPEC, d.profile.original_scale)):
-            argv = ["curate", "score", "--teacher", str(d.teacher), "--pool", str(spec), "-o", f"scale={scale}",
-                    "--out", str(d.scored(name)), *self.root_options()]
-            self.runner.run(Step(f"score-{name}", "score", argv))
+            argv = ["curate", "score", "--teacher", str(d.teacher(t)), "--pool", str(spec), "-o", f"scale={scale}",
+                    "--out", str(d.scored(t, name)), *self.root_options()]
+            self.runner.run(Step(f"teacher{t}-score-{name}", "score", argv))
 
-    def select_and_export(self) -> None:
+    def select_and_export(self, t: int) -> None:
         d = self.design
-        original_rows = ScoredPool.open(d.scored("original")).rows
-        plans = [("original", "original", ["--strategy", "uniform", "--budget", str(original_rows)], None)]
+        original_rows = ScoredPool.open(d.scored(t, "original")).rows
+        plans = [("original", "original", ["--strategy", "uniform", "--budget", str(original_rows)], "original")]
         for pool, where in POOLS.items():
             filters = ["--where", where] if where else []
             plans.append(("uniform", pool, ["--strategy", "uniform", "--budget", str(d.profile.budget), *filters],
@@ -73,35 +89,58 @@ class Experiment:
             plans.append(("related", pool, ["--strategy", "balanced", "--budget", str(d.profile.budget),
                                             "--weights", "class", *filters], "pool"))
         for arm, pool, options, scored in plans:
-            scored_dir = d.scored(scored or "original")
-            selection, shards = d.selection(arm, pool), d.shards(arm, pool)
-            self.runner.run(Step(f"select-{arm}-{pool}", "select", [
-                "curate", "select", "--scored", str(scored_dir), *options, "--seed", "0", "--out", str(selection)],
-                output=selection))
-            self.runner.run(Step(f"export-{arm}-{pool}", "export", [
-                "curate", "export", "--scored", str(scored_dir), "--selection", str(selection), "--embedding",
+            selection, shards = d.selection(t, arm, pool), d.shards(t, arm, pool)
+            self.runner.run(Step(f"teacher{t}-select-{arm}-{pool}", "select", [
+                "curate", "select", "--scored", str(d.scored(t, scored)), *options, "--seed", "0", "--out",
+                str(selection)], output=selection))
+            self.runner.run(Step(f"teacher{t}-export-{arm}-{pool}", "export", [
+                "curate", "export", "--scored", str(d.scored(t, scored)), "--selection", str(selection), "--embedding",
                 "--out", str(shards), *self.root_options()], output=shards))
 
-    def report_selections(self) -> None:
+    def report_selections(self, t: int) -> None:
         d = self.design
         for pool in POOLS:
-            self.runner.run(Step(f"report-{pool}", "report", [
-                "curate", "report", "--scored", str(d.scored("pool")), "--selection",
-                str(d.selection("related", pool)), "--out", str(d.out / "selection-report" / pool)]))
+            self.runner.run(Step(f"teacher{t}-report-{pool}", "report", [
+                "curate", "report", "--scored", str(d.scored(t, "pool")), "--selection",
+                str(d.selection(t, "related", pool)), "--out", str(d.base(t) / "selection-report" / pool)]))
 
-    def distill(self) -> None:
+    # -- students --------------------------------------------------------------------------------------------
+
+    def choose_recipe(self) -> Recipe:
+        """The recipe of `related+signal`: with the ablation, the candidate whose student agrees best with the
+        teacher on held-out rows of its shards (no test label); without, the one the `full` profile chose."""
+        runs = self.design.ablation_runs()
+        self.distill(runs)
+        if runs:
+            scores = {run.label: read_criterion(run.folder) for run in runs}
+            chosen, how = max(scores, key=scores.__getitem__), "this experiment's ablation"
+        else:
+            scores, chosen, how = {}, CHOSEN, "the `full` profile's ablation (results/full)"
+        choice = {"chosen": chosen, "criterion": RECIPE_CRITERION, "chosen_by": how, "scores": scores,
+                  "options": CANDIDATES[chosen].options("teacher.pt")}
+        self.design.recipe_file.write_text(json.dumps(choice, indent=1))
+        return CANDIDATES[chosen]
+
+    def distill(self, runs: list[Run]) -> None:
         d, p = self.design, self.design.profile
-        for run in d.distill_runs():
+        for run in runs:
             options = ["--weighting", "sample"] if run.data == "related" else []  # each predicted class equally often
-            options += run.recipe.options(d.teacher)
-            argv = ["train", "distill", "--shards", str(d.shards(run.data, run.pool)), "--out", str(run.folder),
-                    "--student", "resnet8", "--width", str(p.student_width), "--steps", str(p.steps),
-                    "--batch-size", str(p.batch_size), "--eval", TEST_SET, "--eval-every", str(p.eval_every),
-                    "--eval-limit", str(p.eval_limit), "--log-every", str(p.eval_every), "--seed", str(run.seed),
-                    *options, *self.root_options("--eval-root")]
+            options += run.recipe.options(d.teacher(run.teacher))
+            argv = ["train", "distill", "--shards", str(d.shards(run.teacher, run.data, run.pool)),
+                    "--out", str(run.folder), "--student", "resnet8", "--width", str(p.student_width),
+                    "--steps", str(p.steps), "--batch-size", str(p.batch_size), "--holdout", str(p.holdout),
+                    "--eval", TEST_SET, "--eval-every", str(p.eval_every), "--eval-limit", str(p.eval_limit),
+                    "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
+                    *self.root_options("--eval-root")]
             name = f"distill-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
             self.runner.run(Step(name, "distill", argv, resume_with=["--resume"],
                                  resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
+
+
+def read_criterion(folder: Path) -> float:
+    """The recipe criterion from a finished run's last metrics line."""
+    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
+    return float(last[RECIPE_CRITERION])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -115,12 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     experiment = Experiment(design)
     (design.out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
     try:
-        experiment.train_teacher()
-        experiment.score()
-        experiment.select_and_export()
-        experiment.report_selections()
-        experiment.distill()
-        report = write_experiment_report(design, experiment.runner)
+        for t in profile.teachers:
+            experiment.train_teacher(t)
+            experiment.score(t)
+            experiment.select_and_export(t)
+        experiment.report_selections(profile.teachers[0])
+        signal = experiment.choose_recipe()
+        experiment.distill(design.arm_runs(signal))
+        report = write_experiment_report(design, experiment.runner, signal)
     except UserError as err:
         console.print(f"[red]error:[/] {' '.join(str(err).split())}")
         raise SystemExit(2) from None

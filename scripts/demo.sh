@@ -11,4 +11,4 @@ profile="${DEMO_PROFILE:-default}"
 out="${DEMO_OUT:-results/$profile}"
 set -x
 .venv/bin/python -m pipelines.hetero_distill --profile "$profile" --out "$out"
-.venv/bin/curate sql --scored "$out/scored/pool" --example per-source
+.venv/bin/curate sql --scored "$out/teacher0/scored/pool" --example per-source

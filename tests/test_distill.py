@@ -80,6 +80,7 @@ def test_bad_input_is_refused_in_one_line(selected: Path, tmp_path: Path, capsys
         (["--shards", str(selected), "--eval", "digits", "--batch-size", "4096"], "read per step"),
         (["--shards", str(selected), "--cutmix", "1"], "--cutmix needs --teacher"),
         (["--shards", str(selected), "--candidates", "0.5"], "--candidates"),
+        (["--shards", str(selected), "--boundary-views", "0.5"], "--boundary-views needs --teacher"),
         (["--shards", str(selected), "--holdout", "1.5"], "--holdout 1.5 is not a fraction"),
     ]
     for extra, message in cases:

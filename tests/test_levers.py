@@ -1,5 +1,6 @@
 """The levers aimed at class coverage when the pool holds little of the task: CutMix, balanced view weights,
-student-adaptive selection (``--candidates``), and the held-out rows that compare recipes without labels."""
+boundary views, student-adaptive selection (``--candidates``), and the held-out rows that compare recipes
+without labels."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import pytest
 import torch
 
 from curate.selected import CuratedShards
+from curate.teachers import load_teacher
 from train.adaptive import hardest_within_classes
 from train.augment import mix
+from train.boundary import BoundaryViews
 from train.distill import DistillConfig, distill
 from train.losses import balanced_class_weights
 from train.row_audit import read_recorded_rows
@@ -70,6 +73,32 @@ def test_balanced_view_weights_give_every_seen_class_an_equal_share() -> None:
     assert capped.mean().item() == pytest.approx(1.0) and capped[95:].max() < weights[95:].max()
 
 
+def test_boundary_views_move_a_share_of_the_batch_toward_random_teacher_classes(teacher_path: Path) -> None:
+    teacher = load_teacher(teacher_path)
+    teacher.model.eval()
+    normalize = teacher.spec.normalize()
+    side = teacher.spec.image_size
+    images = normalize(torch.randint(0, 256, (64, teacher.spec.in_channels, side, side), dtype=torch.uint8,
+                                     generator=torch.Generator().manual_seed(0)))
+    views = BoundaryViews.of(0.5, teacher, teacher.spec, teacher.num_classes)
+    moved = views(images, torch.Generator().manual_seed(1))
+    assert torch.equal(moved, views(images, torch.Generator().manual_seed(1)))  # seeded by the step's generator
+    assert torch.equal(moved[32:], images[32:]) and not torch.equal(moved[:32], images[:32])
+    std, mean = torch.tensor(teacher.spec.std).view(1, -1, 1, 1), torch.tensor(teacher.spec.mean).view(1, -1, 1, 1)
+    pixels = moved * std + mean
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5  # still images
+    assert ((moved - images) * std).abs().max() <= 3 * 8 / 255 + 1e-5
+    target = torch.randint(0, teacher.num_classes, (32,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before, after = teacher.model(images[:32]), teacher.model(moved[:32])
+
+    def margin(logits: torch.Tensor) -> torch.Tensor:  # target logit minus the best other one
+        return logits.gather(1, target[:, None])[:, 0] - logits.scatter(1, target[:, None], -1e9).max(1).values
+
+    assert (margin(after) > margin(before)).float().mean() > 0.9
+    assert BoundaryViews.of(0.0, teacher, teacher.spec, teacher.num_classes) is None
+
+
 def test_held_out_rows_are_fixed_and_never_planned(selected: Path) -> None:
     shards = CuratedShards.open(selected)
     held = held_out_rows(shards.rows, 0.2)
@@ -87,8 +116,8 @@ def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agr
         selected: Path, teacher_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = DistillConfig(shards=selected, out=out, teacher=teacher_path, cutmix=1.0, mixup=0.4, balance_views=True,
-                        candidates=2.0, holdout=0.2, steps=8, batch_size=32, log_every=4, eval_every=4,
-                        record_rows=True, width=0.25, workers=0, device="cpu")
+                        boundary_views=0.25, candidates=2.0, holdout=0.2, steps=8, batch_size=32, log_every=4,
+                        eval_every=4, record_rows=True, width=0.25, workers=0, device="cpu")
     history = distill(cfg)["history"]
     assert [r["step"] for r in history] == [4, 8]
     for record in history:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.design import ARMS, POOLS, PROFILES
+from pipelines.design import ARMS, CANDIDATES, CHOSEN, POOLS, PROFILES
 
 pytestmark = pytest.mark.slow
 
@@ -45,6 +45,8 @@ def test_quick_profile_writes_the_report_and_results(quick: Path) -> None:
     for arm in results["arms"].values():
         for entry in arm.values():
             assert 0.1 < entry["accuracy"] <= 1 and 0 <= entry["agreement"] <= 1
+            assert 0 <= entry["holdout_class_agreement"] <= 1
+            assert len(entry["per_class_accuracy"]) == len(results["class_names"]) == 10
             assert [step for step, _ in entry["curve"]] == list(range(profile.eval_every, profile.steps + 1,
                                                                      profile.eval_every))
             assert entry["steps_to_90"] is None or entry["steps_to_90"] in dict(entry["curve"])
@@ -54,8 +56,12 @@ def test_quick_profile_writes_the_report_and_results(quick: Path) -> None:
     assert quality["no-fashion"]["related"]["hidden_fashion_rows"] == 0
     assert {"train teacher", "score", "select", "export", "distill"} <= set(results["stage_seconds"])
     report = (quick / "report.md").read_text()
-    for name in ("curves.png", "samples_by_source.png", "selection-report/related-hidden/report.md"):
+    for name in ("curves.png", "samples_by_source.png", "teacher0/selection-report/related-hidden/report.md"):
         assert (quick / name).exists() and name in report
+    # no ablation in this profile: related+signal uses the recipe the full profile chose, and says so
+    assert results["recipe"]["chosen"] == CHOSEN and results["recipe"]["options"] == CANDIDATES[CHOSEN].options(
+        "teacher.pt")
+    assert "## Per class, pool `no-fashion`" in report and "Shirt" in report
     assert "train distill --shards" in report and "curate select" in report  # the exact commands
 
 
@@ -76,8 +82,8 @@ def test_a_rerun_continues_instead_of_starting_over(quick: Path) -> None:
     assert time.perf_counter() - started < 60  # every step has its completion marker: only the report is redone
     assert json.loads((quick / "results.json").read_text())["arms"] == before["arms"]
     # a distillation cut short after its last checkpoint: the rerun resumes it instead of training again
-    run_dir = quick / "runs" / "uniform" / "no-fashion" / "seed1"
-    (quick / ".done" / "distill-runs-uniform-no-fashion-seed1").unlink()
+    run_dir = quick / "teacher0" / "runs" / "uniform" / "no-fashion" / "seed1"
+    (quick / ".done" / "distill-teacher0-runs-uniform-no-fashion-seed1").unlink()
     (run_dir / "student.pt").unlink()
     resumed = run(quick)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

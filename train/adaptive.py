@@ -34,6 +34,11 @@ class HardestViews:
     def __init__(self, keep: int, temperature: float, num_classes: int) -> None:
         self.keep, self.temperature, self.num_classes = keep, temperature, num_classes
 
+    @classmethod
+    def of(cls, candidates: float, keep: int, temperature: float, num_classes: int) -> HardestViews | None:
+        """The picker for --candidates ``candidates`` (None: off, every row read is trained on)."""
+        return cls(keep, temperature, num_classes) if candidates > 1 else None
+
     @torch.no_grad()
     def __call__(self, student: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         was_training = student.training

@@ -15,6 +15,9 @@ from curate.models import MODELS
 from curate.options import config_from
 from train.config import DistillConfig, TeacherConfig
 
+AMP_HELP = ("bf16 autocast (fp16 on GPUs without bf16); default: on CUDA and on CPUs with bf16 units "
+            "(AMX/AVX512-BF16), where it is faster, off elsewhere")
+
 app = typer.Typer(
     help="Train teachers on labeled pools and distil students from curated shards.",
     no_args_is_help=True,
@@ -52,6 +55,7 @@ def teacher(
     limit: Annotated[int | None, typer.Option(help="train on a seeded random subset of this many samples")] = None,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes")] = TeacherConfig.workers,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = TeacherConfig.device,
+    amp: Annotated[bool | None, typer.Option(help=AMP_HELP)] = None,
     seed: int = TeacherConfig.seed,
 ) -> None:
     """Train a classifier on a labeled pool and save it as a teacher checkpoint (test accuracy in its meta).
@@ -103,6 +107,10 @@ def distill(
     balance_views: Annotated[bool, typer.Option(
         help="weight the loss so that every class the teacher sees in a batch (after augmentation and mixing) "
              "counts equally")] = DistillConfig.balance_views,
+    boundary_views: Annotated[float, typer.Option(
+        help="share of each batch moved by 3 signed-gradient steps toward a random class of the teacher, then "
+             "labelled by it: views across its decision boundaries, every class equally often (needs "
+             "--teacher)")] = DistillConfig.boundary_views,
     candidates: Annotated[float, typer.Option(
         help="student-adaptive selection: read this many rows per row trained on and keep, within an equal quota "
              "per teacher class, the views where the student is furthest from the teacher (1: off; costs one "
@@ -127,8 +135,7 @@ def distill(
     workers: Annotated[int | None, typer.Option(help="processes reading shards; speed only "
                                                             "(default 0 on CPU, 4 on CUDA)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = DistillConfig.device,
-    amp: Annotated[bool | None, typer.Option(help="bf16 autocast (fp16 on GPUs without bf16); default: on CUDA and on "
-                                                  "CPUs with bf16 units (AMX/AVX512-BF16), off elsewhere")] = None,
+    amp: Annotated[bool | None, typer.Option(help=AMP_HELP)] = None,
     compile: Annotated[bool, typer.Option(help="torch.compile the student")] = DistillConfig.compile,
     resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
     seed: int = DistillConfig.seed,

@@ -44,6 +44,7 @@ class DistillConfig:
     mixup: float = 0.0  # Beta(alpha, alpha) mixing between samples; needs --teacher for fresh targets
     cutmix: float = 0.0  # a box of another sample over a Beta(alpha, alpha) share of the area; needs --teacher
     balance_views: bool = False  # weight the loss so every class the teacher sees in a batch counts equally
+    boundary_views: float = 0.0  # share of each batch stepped toward random teacher classes; needs --teacher
     candidates: float = 1.0  # rows read per row trained on: the student keeps the views it imitates worst
     holdout: float = 0.0  # fraction of the shard rows kept out of training to measure agreement on
     eval_dataset: str | None = None
@@ -68,9 +69,11 @@ class DistillConfig:
         one_of(OPTIMIZERS, optimizer=self.optimizer)
         if self.student not in MODELS:
             raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}")
-        for name in ("mixup", "cutmix"):
+        for name in ("mixup", "cutmix", "boundary_views"):
             if getattr(self, name) > 0 and self.teacher is None:
-                raise UserError(f"--{name} needs --teacher: mixed images need fresh teacher targets")
+                raise UserError(f"--{name.replace('_', '-')} needs --teacher: new images need fresh teacher targets")
+        if not 0 <= self.boundary_views <= 1:
+            raise UserError(f"--boundary-views {self.boundary_views} is not a share of the batch in [0, 1]: try 0.25")
         at_least(1, steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,
                  eval_limit=self.eval_limit, log_every=self.log_every, ckpt_every=self.ckpt_every, keep=self.keep,
                  window_groups=self.window_groups, lanes=self.lanes, candidates=self.candidates)
@@ -115,6 +118,7 @@ class TeacherConfig:
     limit: int | None = None
     workers: int = 0
     device: str = "auto"
+    amp: bool | None = None  # None: where bf16 is fast (curate/device.py: fast_bf16)
     seed: int = 0
 
     def __post_init__(self) -> None:

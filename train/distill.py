@@ -37,6 +37,7 @@ from curate.spec import InputSpec
 from curate.teachers import TEACHER_ONLY, Teacher, load_teacher
 from train.adaptive import HardestViews
 from train.augment import mix, random_crop_flip, step_generator
+from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
 from train.config import DistillConfig
 from train.evaluate import Evaluator, HeldOutAgreement
@@ -126,8 +127,8 @@ class Trainer:
                                    device, cfg.eval_limit) if cfg.eval_dataset and ranks.main else None
         held_out = held_out_rows(shards.rows, cfg.holdout)
         self.stream = build_stream(cfg, shards, ranks, held_out)
-        self.pick = HardestViews(cfg.batch_size // ranks.world, cfg.temperature, shards.num_classes) \
-            if cfg.candidates > 1 else None
+        self.boundary = BoundaryViews.of(cfg.boundary_views, self.teacher, self.spec, shards.num_classes)
+        self.pick = HardestViews.of(cfg.candidates, cfg.batch_size // ranks.world, cfg.temperature, shards.num_classes)
         self.holdout = HeldOutAgreement.of(self.stream, held_out, self.normalize, device) if ranks.main else None
 
     def start(self) -> None:
@@ -140,9 +141,8 @@ class Trainer:
             (self.cfg.out / "config.json").write_text(json.dumps(self.cfg.resolved(), indent=1))
 
     def train_step(self, batch: dict[str, Any]) -> tuple[LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One optimiser step on one batch: augment, mix, label (stored or online), keep the hardest views (with
-        --candidates), weight, forward, backward. Returns the loss terms, the student's logits, the targets and
-        the rows trained on."""
+        """Augment, mix, push views to the teacher's boundaries, label (stored or online), keep the hardest views,
+        weight, forward, backward; returns the loss terms, the student's logits, the targets, the rows trained on."""
         cfg, device, state = self.cfg, self.device, self.state
         generator = step_generator(cfg.seed, state.step, self.ranks.rank)
         images = random_crop_flip(batch["pixels"].to(device, non_blocking=True), cfg.crop_padding, cfg.flip,
@@ -152,6 +152,8 @@ class Trainer:
             inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, state.step, self.ranks.rank)
         inputs = inputs.contiguous(memory_format=self.memory_format)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
+            if self.boundary is not None:
+                inputs = self.boundary(inputs, generator)
             targets = self.targets(inputs, batch)
             if self.pick is not None:
                 chosen = self.pick(state.student, inputs, targets)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,11 +70,16 @@ class Evaluator:
             self.teacher_preds, labels = predictions(teacher.model, self.loader, teacher.spec.normalize(), device)
             self.teacher_accuracy = float((self.teacher_preds == labels).float().mean())
 
-    def __call__(self, model: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+    def __call__(self, model: Callable[[torch.Tensor], torch.Tensor], per_class: bool = False) -> dict[str, Any]:
+        """Accuracy, agreement with the teacher if there is one, and with ``per_class`` the accuracy on each
+        class (a list in class order)."""
         preds, labels = predictions(model, self.loader, self.normalize, self.device)
-        result = {"accuracy": float((preds == labels).float().mean())}
+        result: dict[str, Any] = {"accuracy": float((preds == labels).float().mean())}
         if self.teacher_preds is not None:
             result["agreement"] = float((preds == self.teacher_preds).float().mean())
+        if per_class:
+            result["per_class_accuracy"] = [float((preds[labels == c] == c).float().mean())
+                                            for c in range(int(labels.max()) + 1)]
         return result
 
 

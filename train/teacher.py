@@ -24,7 +24,7 @@ from train.augment import random_crop_flip
 from train.config import TeacherConfig
 from train.data import class_names_of, infer_input_spec, labeled_batches, make_loader
 from train.evaluate import accuracy
-from train.optim import cosine_with_warmup
+from train.optim import cosine_with_warmup, mixed_precision
 
 
 def train_teacher(cfg: TeacherConfig) -> dict:
@@ -64,7 +64,8 @@ def train_teacher(cfg: TeacherConfig) -> dict:
     total_steps = cfg.epochs * len(train_loader)
     scheduler = cosine_with_warmup(optimizer, int(cfg.warmup_epochs * len(train_loader)), total_steps)
     augment_rng = torch.Generator().manual_seed(cfg.seed + 1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    use_amp, amp_dtype, scaler = mixed_precision(cfg.amp, device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp)
 
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[status]}"), TimeElapsedColumn(), TimeRemainingColumn()]
@@ -83,8 +84,9 @@ def train_teacher(cfg: TeacherConfig) -> dict:
                     logits = model(inputs)
                     loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 seen += len(labels)
                 loss_sum += float(loss.detach()) * len(labels)
