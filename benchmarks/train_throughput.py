@@ -5,8 +5,9 @@ augmentation in both; the baseline indexes tensors already in memory. Both loops
 first sixth of steps, each is run ``--repeats`` times alternately and the best run counts. Streaming is
 measured with each reader-process count in ``--workers`` (the first one is train distill's CPU default).
 Also the reader alone (batches decoded per second) against the training step rate, and the reader's peak
-RSS over 10 and 100 shards. The last line printed is ``ratio=<worst streaming/in-memory ratio>`` for the
-first worker count.
+RSS over 10 and 100 shards; and, where the CPU has bf16 units, `train distill`'s default bf16 autocast
+against fp32 (both streaming, first worker count). The last line printed is
+``ratio=<worst streaming/in-memory ratio>`` for the first worker count (fp32, as the in-memory loop).
 
     python benchmarks/train_throughput.py            # 20k rows, 300 steps per case
     python benchmarks/train_throughput.py --quick    # small version, about a minute
@@ -27,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from curate.device import fast_bf16
 from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
 from curate.spec import InputSpec
 
@@ -57,13 +59,15 @@ def write_shards(folder: Path, rows: int, channels: int, size: int, shards: int)
     return folder
 
 
-def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float]:
+def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int,
+              amp: bool = False) -> tuple[float, float]:
     """Steady-state samples/s of `train distill` (its own metrics after the first logging interval) and the
-    wall time of the whole call (start-up, final save and plot included)."""
+    wall time of the whole call (start-up, final save and plot included). fp32 unless ``amp``, as the
+    in-memory loop."""
     from train.distill import DistillConfig, distill
 
     cfg = DistillConfig(shards=shards, out=out, width=0.5, steps=steps, batch_size=batch_size, workers=workers,
-                        log_every=steps // WARMUP_PARTS, ckpt_every=10 * steps, device="cpu")
+                        log_every=steps // WARMUP_PARTS, ckpt_every=10 * steps, device="cpu", amp=amp)
     start = time.perf_counter()
     history = distill(cfg)["history"][1:]
     wall = time.perf_counter() - start
@@ -153,11 +157,15 @@ def main() -> None:
             shards = write_shards(Path(tmp) / name, rows, channels, size, shards=max(1, rows // 4096))
             baselines: list[float] = []
             streams: dict[int, list[tuple[float, float]]] = {w: [] for w in workers}
+            bf16: list[tuple[float, float]] = []
             for attempt in range(args.repeats):  # alternated, best of each: a noisy machine slows one, not both
                 baselines.append(in_memory(shards, steps, args.batch_size))
                 for w in workers:
                     streams[w].append(streaming(shards, Path(tmp) / f"run-{name}-{w}-{attempt}", steps,
                                                 args.batch_size, w))
+                if fast_bf16(torch.device("cpu")):
+                    bf16.append(streaming(shards, Path(tmp) / f"run-{name}-bf16-{attempt}", steps, args.batch_size,
+                                          workers[0], amp=True))
             baseline = max(baselines)
             case = figures["cases"][name] = {"in_memory_samples_s": round(baseline)}
             print(f"resnet8/2 {name}: in memory {baseline:7.0f} samples/s", flush=True)
@@ -174,6 +182,12 @@ def main() -> None:
                 print(f"  {w} workers: streaming {streamed:7.0f} samples/s  ratio {ratio:.3f}  reader alone "
                       f"{reader:8.0f} samples/s ({reader / streamed:.1f}x)  whole distill call {wall:.1f} s",
                       flush=True)
+            if bf16:
+                fp32 = max(streams[workers[0]])[0]
+                case["bf16_autocast"] = {"streaming_samples_s": round(max(bf16)[0]),
+                                         "over_fp32": round(max(bf16)[0] / fp32, 3)}
+                print(f"  bf16 autocast (the default here): {max(bf16)[0]:7.0f} samples/s, "
+                      f"{max(bf16)[0] / fp32:.2f}x fp32", flush=True)
         rss = {}
         for count in (10, 100):
             shards = write_shards(Path(tmp) / f"rss-{count}", count * 256, 1, 28, shards=count)

@@ -107,13 +107,13 @@ class Experiment:
     # -- students --------------------------------------------------------------------------------------------
 
     def choose_recipe(self) -> Recipe:
-        """The recipe of `related+signal`: with the ablation, the candidate whose student agrees best with the
-        teacher on held-out rows of its shards (no test label); without, the one the `full` profile chose."""
+        """The recipe of `related+signal`: with the ablation, the candidate whose student is closest to the teacher
+        on held-out rows of its shards (no test label); without, the one the `full` profile chose."""
         runs = self.design.ablation_runs()
         self.distill(runs)
         if runs:
             scores = {run.label: read_criterion(run.folder) for run in runs}
-            chosen, how = max(scores, key=scores.__getitem__), "this experiment's ablation"
+            chosen, how = min(scores, key=scores.__getitem__), "this experiment's ablation"
         else:
             scores, chosen, how = {}, CHOSEN, "the `full` profile's ablation (results/full)"
         choice = {"chosen": chosen, "criterion": RECIPE_CRITERION, "chosen_by": how, "scores": scores,

@@ -122,6 +122,7 @@ def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agr
     assert [r["step"] for r in history] == [4, 8]
     for record in history:
         assert 0 <= record["eval_holdout_agreement"] <= 1 and 0 <= record["eval_holdout_class_agreement"] <= 1
+        assert record["eval_holdout_kl"] >= 0 and record["eval_holdout_class_kl"] >= 0
     rows = read_recorded_rows(out)
     assert len(rows) == 8 * 32  # candidates are read two per row trained on, only the chosen are trained on
     held = held_out_rows(CuratedShards.open(selected).rows, 0.2)

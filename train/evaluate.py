@@ -16,6 +16,7 @@ from curate.pools import open_pool
 from curate.spec import InputSpec
 from curate.teachers import Flags, Teacher, load_teacher, read_meta_file
 from train.data import labeled_batches, make_loader
+from train.losses import kd_per_sample
 from train.shards import ShardBatches, held_out_pairs
 
 
@@ -84,14 +85,17 @@ class Evaluator:
 
 
 class HeldOutAgreement:
-    """Agreement with the teacher on shard rows held out of training (``--holdout``), from their stored logits:
-    a figure of fit that needs no label, by which recipes can be chosen. Reported overall and averaged over the
-    teacher's classes, so that a class the pool rarely shows counts as much as a common one."""
+    """How closely the student matches the teacher on shard rows held out of training (``--holdout``), from their
+    stored logits: label-free figures by which recipes can be compared. Agreement of the argmax, and the
+    divergence KL(teacher || student) of the full distributions (T = 1), each overall and averaged over the
+    teacher's classes, so that a class the pool rarely shows counts as much as a common one. The divergence is
+    the one a recipe cannot inflate by training on the teacher's argmax (the hard-label term)."""
 
     def __init__(self, rows: dict[str, torch.Tensor], normalize: Callable[[torch.Tensor], torch.Tensor],
                  device: torch.device, batch_size: int = 512) -> None:
         self.images = rows["pixels"].split(batch_size)
-        self.teacher_preds = rows["logits"].float().argmax(1)
+        self.teacher_logits = rows["logits"].float()
+        self.teacher_preds = self.teacher_logits.argmax(1)
         self.normalize, self.device = normalize, device
 
     @classmethod
@@ -107,12 +111,17 @@ class HeldOutAgreement:
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module) -> dict[str, float]:
         model.eval()
-        preds = torch.cat([model(self.normalize(x.to(self.device))).argmax(1).cpu() for x in self.images])
+        logits = torch.cat([model(self.normalize(x.to(self.device))).float().cpu() for x in self.images])
         model.train()
-        agrees = (preds == self.teacher_preds).float()
-        per_class = [agrees[self.teacher_preds == c].mean() for c in self.teacher_preds.unique()]
+        agrees = (logits.argmax(1) == self.teacher_preds).float()
+        divergence = kd_per_sample(logits, self.teacher_logits, 1.0)
+        classes = self.teacher_preds.unique()
         return {"holdout_agreement": float(agrees.mean()),
-                "holdout_class_agreement": float(torch.stack(per_class).mean())}
+                "holdout_class_agreement": float(torch.stack([agrees[self.teacher_preds == c].mean()
+                                                              for c in classes]).mean()),
+                "holdout_kl": float(divergence.mean()),
+                "holdout_class_kl": float(torch.stack([divergence[self.teacher_preds == c].mean()
+                                                       for c in classes]).mean())}
 
 
 def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path | None, trust_pickle: bool,
