@@ -92,8 +92,8 @@ INGREDIENTS = {
     "temperature 2": Recipe(temperature=2),
 }
 COMBINATIONS = {
-    "online teacher + mixup + balanced views": Recipe(online_teacher=True, mixup=0.4, balance_views=True),
     "online teacher + mixup + adaptive selection": Recipe(online_teacher=True, mixup=0.4, candidates=2),
+    "online teacher + CutMix + adaptive selection": Recipe(online_teacher=True, cutmix=1.0, candidates=2),
     "online teacher + mixup + CutMix + adaptive selection": Recipe(online_teacher=True, mixup=0.4, cutmix=1.0,
                                                                    candidates=2),
 }
