@@ -100,7 +100,7 @@ COMBINATIONS = {
 CANDIDATES = {"related (KD on stored logits)": STORED_LOGITS, **INGREDIENTS, **COMBINATIONS}
 # The recipe of `related+signal` in profiles without the ablation: the one the `full` profile chose
 # (results/full/report.md, "How the recipe was chosen").
-CHOSEN = "online teacher + mixup"
+CHOSEN = "online teacher + CutMix + adaptive selection"
 RECIPE_CRITERION = "eval_holdout_kl"  # from the run's last metrics line; lower is better
 
 
