@@ -542,5 +542,5 @@ def test_too_small_a_selection_stops_every_rank_with_one_line(one_row_group: Pat
     done = torchrun(one_row_group, tmp_path / "run", "--steps", "3", "--batch-size", "1024")
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
-    assert len(ours) == 2 and all("fewer than one --batch-size 1024" in line for line in ours), done.stderr[-3000:]
+    assert len(ours) == 2 and all("fewer than the 1,024 read per step" in line for line in ours), done.stderr[-3000:]
     assert "Connection closed" not in done.stderr and "train/distill.py" not in done.stderr
