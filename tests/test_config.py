@@ -8,11 +8,14 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pytest
+import typer
 
 from curate import cli as curate_cli
 from curate.errors import UserError
+from curate.options import config_from
 from curate.query.config import ExportConfig, SelectConfig
 from curate.score.config import ScoreConfig
+from pipelines.design import CANDIDATES, CHOSEN
 from train import cli as train_cli
 from train.config import DistillConfig, TeacherConfig
 
@@ -52,3 +55,15 @@ def test_command_defaults_are_the_configs(command, config):
 def test_configs_refuse_bad_values_when_built(build, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         build()
+
+
+@pytest.mark.parametrize("name", sorted(CANDIDATES))
+def test_every_candidate_recipe_is_a_valid_train_distill_command(name: str) -> None:
+    """The ablation's recipes parse as `train distill` options and build a config: a typo in the design fails
+    here, not hours into the `full` profile."""
+    distill = typer.main.get_command(train_cli.app).commands["distill"]
+    argv = ["--shards", "selected", *CANDIDATES[name].options("teacher.pt")]
+    params = distill.make_context("distill", argv).params
+    cfg = config_from(DistillConfig, params)
+    assert (cfg.teacher is not None) == CANDIDATES[name].online_teacher
+    assert CHOSEN in CANDIDATES
