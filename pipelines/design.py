@@ -79,10 +79,9 @@ STORED_LOGITS = Recipe()
 # closest to the teacher on held-out shard rows: the lowest KL(teacher || student), the distillation objective
 # itself measured where the student did not train (no test label is used; argmax agreement is not the criterion
 # because a hard-label term inflates it without matching the teacher better).
-ONLINE_MIXUP = Recipe(online_teacher=True, mixup=0.4)
 INGREDIENTS = {
     "online teacher": Recipe(online_teacher=True),
-    "online teacher + mixup": ONLINE_MIXUP,
+    "online teacher + mixup": Recipe(online_teacher=True, mixup=0.4),
     "online teacher + CutMix": Recipe(online_teacher=True, cutmix=1.0),
     "online teacher + boundary views": Recipe(online_teacher=True, boundary_views=0.25),
     "balanced views": Recipe(balance_views=True),

@@ -8,7 +8,6 @@ predictions there) and the figures are cached next to it (`final_eval.json`; the
 
 from __future__ import annotations
 
-import functools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -66,9 +65,12 @@ class TestSet:
 
     def final(self, run: Run) -> dict[str, Any]:
         student = run.folder / "student.pt"
-        evaluate = functools.partial(self.evaluator, run.teacher)
-        return cached_json(run.folder / "final_eval.json", student,
-                           lambda: evaluate()(load_teacher(student, device=evaluate().device).model, per_class=True))
+
+        def evaluate() -> dict[str, Any]:
+            evaluator = self.evaluator(run.teacher)
+            return evaluator(load_teacher(student, device=evaluator.device).model, per_class=True)
+
+        return cached_json(run.folder / "final_eval.json", student, evaluate)
 
 
 def curve(run: Run) -> list[tuple[int, float]]:
@@ -76,8 +78,9 @@ def curve(run: Run) -> list[tuple[int, float]]:
     return [(r["step"], r["eval_accuracy"]) for r in map(json.loads, lines) if "eval_accuracy" in r]
 
 
-def last_metrics(run: Run) -> dict[str, Any]:
-    return json.loads((run.folder / "metrics.jsonl").read_text().splitlines()[-1])
+def last_metrics(folder: Path) -> dict[str, Any]:
+    """The last line of a finished run's metrics.jsonl: its final evaluation."""
+    return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
@@ -87,7 +90,7 @@ def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
     steps = [s for s, _ in curves[0]]
     mean_curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in steps]
     accuracy = [f["accuracy"] for f in finals]
-    held_out = [last_metrics(r)["eval_holdout_kl"] for r in runs]
+    held_out = [last_metrics(r.folder)["eval_holdout_kl"] for r in runs]
     return {"accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1)) if len(runs) > 1
             else 0.0, "agreement": float(np.mean([f["agreement"] for f in finals])),
             "holdout_kl": float(np.mean(held_out)),
@@ -220,10 +223,10 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
         for entry in arm.values():
             entry["steps_to_90"] = steps_to(entry["curve"], target)
     for run in design.ablation_runs():
-        final = test.final(run)
+        final, held_out = test.final(run), last_metrics(run.folder)
         results["ablation"][run.label] = {
             "accuracy": final["accuracy"], "agreement": final["agreement"], "pool": run.pool, "seed": run.seed,
-            **{key[len("eval_"):]: value for key, value in last_metrics(run).items() if key.startswith("eval_holdout")},
+            **{key[len("eval_"):]: value for key, value in held_out.items() if key.startswith("eval_holdout")},
             "options": run.recipe.options("teacher.pt")}
     results["selection"] = selection_quality(design, first)
     results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}

@@ -45,7 +45,7 @@ from pipelines.design import (
     Recipe,
     Run,
 )
-from pipelines.experiment_report import write_experiment_report
+from pipelines.experiment_report import last_metrics, write_experiment_report
 from pipelines.steps import Step, StepRunner, console
 
 
@@ -112,7 +112,7 @@ class Experiment:
         runs = self.design.ablation_runs()
         self.distill(runs)
         if runs:
-            scores = {run.label: read_criterion(run.folder) for run in runs}
+            scores = {run.label: float(last_metrics(run.folder)[RECIPE_CRITERION]) for run in runs}
             chosen, how = min(scores, key=scores.__getitem__), "this experiment's ablation"
         else:
             scores, chosen, how = {}, CHOSEN, "the `full` profile's ablation (results/full)"
@@ -135,12 +135,6 @@ class Experiment:
             name = f"distill-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
             self.runner.run(Step(name, "distill", argv, resume_with=["--resume"],
                                  resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
-
-
-def read_criterion(folder: Path) -> float:
-    """The recipe criterion from a finished run's last metrics line."""
-    last = json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
-    return float(last[RECIPE_CRITERION])
 
 
 def main(argv: list[str] | None = None) -> None:

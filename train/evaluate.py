@@ -45,6 +45,12 @@ def accuracy(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
     return float((preds == labels).float().mean()) if len(labels) else 0.0
 
 
+def class_accuracies(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy on each class, in class order (NaN for a class without samples)."""
+    return [float((preds[labels == c] == c).float().mean()) if (labels == c).any() else float("nan")
+            for c in range(num_classes)]
+
+
 class Evaluator:
     """A labeled pool (or a seeded subset of ``limit`` samples), loaded once with the teacher's predictions
     on it; calling it on a model gives accuracy and, with a teacher, agreement with it."""
@@ -63,6 +69,7 @@ class Evaluator:
         if limit is not None and limit < len(pool):
             indices = np.sort(np.random.default_rng(0).choice(len(pool), limit, replace=False))
         self.loader = make_loader(pool, spec, batch_size, shuffle=False, seed=0, workers=0, indices=indices)
+        self.num_classes = num_classes
         self.normalize = spec.normalize()
         self.device = device
         self.teacher_preds: torch.Tensor | None = None
@@ -79,8 +86,7 @@ class Evaluator:
         if self.teacher_preds is not None:
             result["agreement"] = float((preds == self.teacher_preds).float().mean())
         if per_class:
-            result["per_class_accuracy"] = [float((preds[labels == c] == c).float().mean())
-                                            for c in range(int(labels.max()) + 1)]
+            result["per_class_accuracy"] = class_accuracies(preds, labels, self.num_classes)
         return result
 
 
@@ -116,12 +122,12 @@ class HeldOutAgreement:
         agrees = (logits.argmax(1) == self.teacher_preds).float()
         divergence = kd_per_sample(logits, self.teacher_logits, 1.0)
         classes = self.teacher_preds.unique()
-        return {"holdout_agreement": float(agrees.mean()),
-                "holdout_class_agreement": float(torch.stack([agrees[self.teacher_preds == c].mean()
-                                                              for c in classes]).mean()),
-                "holdout_kl": float(divergence.mean()),
-                "holdout_class_kl": float(torch.stack([divergence[self.teacher_preds == c].mean()
-                                                       for c in classes]).mean())}
+
+        def class_mean(values: torch.Tensor) -> float:
+            return float(torch.stack([values[self.teacher_preds == c].mean() for c in classes]).mean())
+
+        return {"holdout_agreement": float(agrees.mean()), "holdout_class_agreement": class_mean(agrees),
+                "holdout_kl": float(divergence.mean()), "holdout_class_kl": class_mean(divergence)}
 
 
 def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path | None, trust_pickle: bool,
@@ -136,9 +142,6 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
                         f"{len(pool.class_names)}: evaluate on the dataset the model was trained for")
     loader = make_loader(pool, loaded.spec, batch_size, shuffle=False, seed=0, workers=workers)
     preds, labels = predictions(loaded, loader, loaded.spec.normalize(), device)
-    per_class = {}
-    for index, name in enumerate(loaded.class_names):
-        mask = labels == index
-        correct = float((preds[mask] == index).float().mean()) if mask.any() else float("nan")
-        per_class[name] = (correct, int(mask.sum()))
+    per_class = {name: (correct, int((labels == index).sum())) for index, (name, correct)
+                 in enumerate(zip(loaded.class_names, class_accuracies(preds, labels, loaded.num_classes)))}
     return {"accuracy": float((preds == labels).float().mean()), "samples": len(labels), "per_class": per_class}

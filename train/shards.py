@@ -104,13 +104,14 @@ class EpochPlan:
             window = groups[w:w + window_groups]
             shard_of = np.concatenate([np.full(n, s, np.int32) for s, _, n in window])
             row_of = np.concatenate([np.arange(start, start + n, dtype=np.int32) for _, start, n in window])
+            index = offsets[shard_of] + row_of  # row number across the shards
             if held_out is not None:
-                kept = ~held_out[offsets[shard_of] + row_of]
-                shard_of, row_of = shard_of[kept], row_of[kept]
+                kept = ~held_out[index]
+                shard_of, row_of, index = shard_of[kept], row_of[kept], index[kept]
                 if not len(row_of):
                     continue
             if weighted:
-                p = shards.weights[offsets[shard_of] + row_of].astype(np.float64)
+                p = shards.weights[index].astype(np.float64)
                 pick = rng.choice(len(p), size=len(p), replace=True, p=p / p.sum())
             else:
                 pick = rng.permutation(len(shard_of))
