@@ -9,8 +9,14 @@ For each case the same teacher, batch size and images are used twice:
 Then peak RSS of the pipeline (in a fresh process) at two pool sizes, to show memory stays flat.
 The last line printed is ``ratio=<worst pipeline/baseline ratio>``.
 
+``--ceiling`` times the pipeline alone: the teacher is ``conv1`` (one convolution and a linear layer), whose
+forward pass costs next to nothing, so rows/s is what reading, hooks, indicators and writing allow. It
+scores a 28x28 ``.npy`` pool and a folder of PNG and JPEG images (96x96 RGB, resized and made grey for the
+teacher); the last line is ``ceiling=<rows/s of the .npy case>``.
+
     python benchmarks/score_throughput.py            # 50k images per case, RSS at 100k and 1M rows
     python benchmarks/score_throughput.py --quick    # small version, under a minute
+    python benchmarks/score_throughput.py --ceiling  # the pipeline's own ceiling (200k .npy rows, 4k files)
 """
 
 from __future__ import annotations
@@ -59,6 +65,21 @@ def make_images(folder: Path, count: int, channels: int, size: int) -> Path:
     return path
 
 
+def make_folder(folder: Path, count: int, size: int = 96) -> Path:
+    """``count`` smooth RGB images (upscaled noise, so they compress like photos), half PNG and half JPEG."""
+    from PIL import Image
+
+    path = folder / f"files-{count}"
+    if not path.exists():
+        path.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(count):
+            coarse = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8))
+            image = coarse.resize((size, size), Image.BICUBIC)
+            image.save(path / (f"{i:06d}.png" if i % 2 else f"{i:06d}.jpg"))
+    return path
+
+
 def bare_forward(teacher: Path, images: Path, batch_size: int) -> float:
     """Images/s of the teacher alone on normalised in-memory tensors (channels-last, inference mode)."""
     from curate.teachers import load_teacher
@@ -79,12 +100,25 @@ def bare_forward(teacher: Path, images: Path, batch_size: int) -> float:
 
 
 def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None,
-             reference_count: int) -> float:
-    """Images/s of `curate score` end to end, from the .npy on disk to Parquet on disk (noise reference included)."""
+             reference_count: int, pool: str = "npy") -> float:
+    """Images/s of `curate score` end to end, from the pool on disk to Parquet on disk (noise reference included)."""
     start = time.perf_counter()
-    summary = score_pool(ScoreConfig(teacher=teacher, pool="npy", root=images, out=out, batch_size=batch_size,
+    summary = score_pool(ScoreConfig(teacher=teacher, pool=pool, root=images, out=out, batch_size=batch_size,
                                      workers=workers, reference_count=reference_count))
     return summary.rows / (time.perf_counter() - start)
+
+
+def ceiling(folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    """Rows/s of `curate score` with the trivial conv1 teacher over the .npy pool and the folder of files."""
+    teacher = make_teacher(folder, "conv1", 1, 28)
+    cases = {"npy 28x28x1": ("npy", make_images(folder, args.images or 200_000, 1, 28)),
+             "folder 96x96 png/jpeg": ("folder", make_folder(folder, args.files))}
+    figures = {}
+    for name, (pool, root) in cases.items():
+        figures[name] = pipeline(teacher, root, folder / f"ceiling-{pool}", args.batch_size, args.workers,
+                                 args.reference_count or 2048, pool)
+        print(f"ceiling {name:22s} {figures[name]:9.0f} rows/s", flush=True)
+    return figures
 
 
 def scoring_peak_rss_mib(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None) -> float:
@@ -109,7 +143,17 @@ def main() -> None:
                         help="noise reference size (default curate's 2048; 256 with --quick)")
     parser.add_argument("--rss-rows", type=int, nargs=2, default=None, help="the two pool sizes for peak RSS")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--ceiling", action="store_true", help="the pipeline's own ceiling with a trivial teacher")
+    parser.add_argument("--files", type=int, default=4000, help="images of the folder case of --ceiling")
     args = parser.parse_args()
+    if args.ceiling:
+        with tempfile.TemporaryDirectory(prefix="score-ceiling-") as tmp:
+            figures = ceiling(Path(tmp), args)
+        if args.json:
+            args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "batch_size": args.batch_size,
+                                             "workers": args.workers, "rows_s": figures}, indent=1))
+        print(f"ceiling={figures['npy 28x28x1']:.0f}")
+        return
     count = args.images or (4000 if args.quick else 50000)
     rss_rows = args.rss_rows or ([5000, 20000] if args.quick else [100000, 1000000])
     reference_count = args.reference_count or (256 if args.quick else 2048)

@@ -163,6 +163,15 @@ def lenet5(num_classes: int, in_channels: int, image_size: int, width: float = 1
     return Classifier(body, f2, num_classes)
 
 
+def conv1(num_classes: int, in_channels: int, width: float = 1.0) -> Classifier:
+    """One strided convolution with BatchNorm, pooled, and the linear classifier: a teacher that costs next to
+    nothing, so a benchmark with it times the scoring pipeline's own work (reading, hooks, indicators, writing)."""
+    channels = _scaled(8, width)
+    trunk = nn.Sequential(nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
+                          nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+    return Classifier(_pooled(trunk), channels, num_classes)
+
+
 Builder = Callable[[int, int, int, float], Classifier]
 
 MODELS: dict[str, Builder] = {
@@ -175,6 +184,7 @@ MODELS: dict[str, Builder] = {
     "wrn-40-2": lambda k, c, s, w: wide_resnet(40, 2, k, c, w),
     "mobilenetv2": lambda k, c, s, w: small_mobilenetv2(k, c, w),
     "shufflenetv2": lambda k, c, s, w: small_shufflenetv2(k, c, w),
+    "conv1": lambda k, c, s, w: conv1(k, c, w),
 }
 
 

@@ -59,7 +59,7 @@ class InputSpec:
         return (self.in_channels, self.image_size, self.image_size)
 
     def geometry(self) -> Geometry:
-        """Per-sample: uint8 CHW image of any channel count and size -> uint8 image of this spec's shape."""
+        """uint8 CHW image (or NCHW batch) of any channel count and size -> uint8 image(s) of this spec's shape."""
         return Geometry(self.in_channels, self.image_size)
 
     def normalize(self) -> v2.Compose:
@@ -80,6 +80,7 @@ class Geometry:
         self.convert = v2.Compose([channels, v2.Resize((image_size, image_size), antialias=True)])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if tuple(image.shape) == self.shape:
+        """One CHW image or an NCHW batch (whose images all share a size)."""
+        if tuple(image.shape[-3:]) == self.shape:
             return image
         return self.convert(image)

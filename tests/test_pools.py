@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from curate.errors import UserError
-from curate.pools import POOL_KINDS, PoolDataset, collate_samples, open_pool, parse_options
+from curate.pools import POOL_KINDS, PoolDataset, collate_samples, open_pool, parse_options, read_batch
 from curate.spec import InputSpec
 from tests import formats
 
@@ -268,3 +268,60 @@ def test_pools_pickle_without_heavy_state(tmp_path: Path, rng) -> None:
     assert torch.equal(pickle.loads(blob).sample(9).image, pool.sample(9).image)
 
 
+
+
+def _one_by_one(pool, positions, geometry):
+    dataset = PoolDataset(pool, geometry)
+    return collate_samples([dataset[int(i)] for i in positions])
+
+
+@pytest.mark.parametrize("channels,size", [(1, 28), (3, 32)])
+def test_batched_reads_equal_sample_by_sample_reads(tmp_path: Path, rng, channels: int, size: int) -> None:
+    """A batch read at once (runs of records in one call, sources of a mix apart, a corrupt file among them)
+    gives the same rows, pixels, labels, uids and errors, in the order asked, as reading sample by sample."""
+    np.save(tmp_path / "grey.npy", rng.integers(0, 256, (40, 28, 28), dtype=np.uint8))
+    np.save(tmp_path / "labels.npy", np.arange(40) % 7)
+    formats.write_stl10(tmp_path, "train", rng.integers(0, 256, (5, 96, 96, 3), dtype=np.uint8), np.arange(5))
+    formats.write_svhn(tmp_path, "test", rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8), np.arange(6))
+    formats.write_mnist_like(tmp_path, "t10k", rng.integers(0, 256, (30, 28, 28), dtype=np.uint8),
+                             np.arange(30) % 10, compress=False)
+    icons = tmp_path / "icons"
+    icons.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
+    (icons / "icon1b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    spec = tmp_path / "mix.toml"
+    spec.write_text(f"""
+[[source]]
+kind = "npy"
+root = "{tmp_path / 'grey.npy'}"
+labels = "{tmp_path / 'labels.npy'}"
+count = 25
+[[source]]
+kind = "stl10"
+split = "train"
+root = "{tmp_path}"
+[[source]]
+kind = "folder"
+root = "{icons}"
+[[source]]
+kind = "mnist"
+split = "test"
+root = "{tmp_path}"
+start = 5
+stop = 25
+[[source]]
+kind = "svhn"
+split = "test"
+root = "{tmp_path}"
+""")
+    pool = open_pool(str(spec))
+    geometry = InputSpec(channels, size, (0.5,) * channels, (0.5,) * channels).geometry()
+    for positions in [range(len(pool)), range(20, 33), rng.permutation(len(pool))[:30]]:
+        batched = read_batch(pool, positions, geometry)
+        single = _one_by_one(pool, positions, geometry)
+        assert batched.uids == single.uids and batched.keys == single.keys and batched.sources == single.sources
+        assert batched.errors == single.errors
+        assert torch.equal(batched.indices, single.indices) and torch.equal(batched.labels, single.labels)
+        assert batched.images.dtype == torch.uint8 and torch.equal(batched.images, single.images)
+    assert any(error[1].endswith("icon1b.png") for error in read_batch(pool, range(len(pool)), geometry).errors)

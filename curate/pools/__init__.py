@@ -15,12 +15,20 @@ from curate.errors import UserError
 # Importing the modules registers their kinds.
 from curate.pools import arrays, batches, generated, glyphs, idx, images, mix  # noqa: F401
 from curate.pools.base import Pool, Sample, SampleError
-from curate.pools.dataset import PoolBatch, PoolDataset, PoolItem, collate_samples
+from curate.pools.dataset import (
+    BatchedPoolDataset,
+    PoolBatch,
+    PoolDataset,
+    PoolItem,
+    as_is,
+    collate_samples,
+    read_batch,
+)
 from curate.pools.registry import POOL_KINDS, default_root, make_pool
 
 __all__ = [
-    "POOL_KINDS", "Pool", "PoolBatch", "PoolDataset", "PoolItem", "Sample", "SampleError",
-    "collate_samples", "default_root", "open_pool", "parse_options",
+    "POOL_KINDS", "BatchedPoolDataset", "Pool", "PoolBatch", "PoolDataset", "PoolItem", "Sample", "SampleError",
+    "as_is", "collate_samples", "default_root", "open_pool", "parse_options", "read_batch",
 ]
 
 

@@ -54,6 +54,10 @@ class SvhnPool(Pool):
         images, labels = self._arrays
         return np.ascontiguousarray(images[:, :, :, index]), int(labels[index])
 
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self._arrays
+        return images[:, :, :, indices].transpose(3, 0, 1, 2), labels[indices]
+
 
 @register
 class Stl10Pool(Pool):
@@ -104,6 +108,10 @@ class Stl10Pool(Pool):
         label = None if self.labels is None else int(self.labels[index]) - 1  # labels are 1..10
         return image, label
 
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.full(len(indices), -1) if self.labels is None else self.labels[indices].astype(np.int64) - 1
+        return self.images.take(indices).transpose(0, 3, 2, 1), labels
+
 
 @register
 class NpyPool(Pool):
@@ -152,6 +160,13 @@ class NpyPool(Pool):
     def read(self, index: int) -> tuple[np.ndarray, int | None]:
         label = None if self.labels_array is None else int(self.labels_array[index])
         return np.array(self.images[index]), label
+
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.full(len(indices), -1) if self.labels_array is None else self.labels_array[indices]
+        return self.images.take(indices), labels
+
+    def keys(self, indices: np.ndarray) -> list[str]:
+        return [str(i) for i in indices.tolist()]
 
     def describe(self) -> dict:
         return {**super().describe(), "file": str(self.path)}

@@ -75,6 +75,20 @@ class Pool(abc.ABC):
         Raises :class:`SampleError` when that one sample is unreadable.
         """
 
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """Images (N x H x W or N x H x W x C uint8) and labels (-1: none) of ``indices`` at once, for pools of
+        fixed-size records, where per-sample Python costs more than the read; None (the default) where samples
+        are read one at a time with :meth:`read`."""
+        return None
+
+    def keys(self, indices: np.ndarray) -> list[str]:
+        return [self.key(int(i)) for i in indices]
+
+    def parts(self, indices: np.ndarray) -> Iterator[tuple[Pool, np.ndarray, np.ndarray]]:
+        """``(pool, its own indices, where they go in indices)`` for each pool ``indices`` fall in: this pool for
+        most kinds; the sources of a mix, which read their runs of a batch each at once."""
+        yield self, indices, np.arange(len(indices))
+
     def uid(self, index: int) -> str:
         return f"{self.source}:{self.key(index)}"
 

@@ -122,6 +122,9 @@ class IdxPool(Pool):
     def read(self, index: int) -> tuple[np.ndarray, int]:
         return np.array(self.images[index]), int(self.labels[index])
 
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.images.take(indices), self.labels.take(indices).reshape(len(indices))
+
     def describe(self) -> dict:
         return {**super().describe(), "split": self.split, "files": [str(self.images_path), str(self.labels_path)]}
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import tomllib
 from bisect import bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,6 +182,14 @@ class MixPool(Pool):
     def sample(self, index: int) -> Sample:
         source, local = self._locate(index)
         return source.pool.sample(local)
+
+    def parts(self, indices: np.ndarray) -> Iterator[tuple[Pool, np.ndarray, np.ndarray]]:
+        numbers = np.searchsorted(self.starts, indices, side="right") - 1
+        for number in np.unique(numbers):
+            where = np.flatnonzero(numbers == number)
+            source = self.sources[number]
+            local = indices[where] - self.starts[number]
+            yield source.pool, local if source.indices is None else source.indices[local], where
 
     def describe(self) -> dict:
         return {

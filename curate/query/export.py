@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from curate.atomic import check_writable, reserve_space, write_folder_atomically
 from curate.errors import UserError
-from curate.pools import PoolDataset, collate_samples, open_pool
+from curate.pools import BatchedPoolDataset, as_is, open_pool
 from curate.query.config import ExportConfig
 from curate.query.scored import ScoredPool
 from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
@@ -212,8 +212,10 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     read_order = np.argsort(positions, kind="stable")  # output row of the k-th image read
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows.num_rows, *spec.shape()))
     reserve_space(path)
-    loader = DataLoader(PoolDataset(pool, spec.geometry(), positions[read_order]), batch_size=cfg.row_group_rows,
-                        num_workers=workers, collate_fn=collate_samples, prefetch_factor=4 if workers else None)
+    ordered = positions[read_order]
+    plan = [ordered[start:start + cfg.row_group_rows] for start in range(0, len(ordered), cfg.row_group_rows)]
+    loader = DataLoader(BatchedPoolDataset(pool, spec.geometry()), sampler=plan, batch_size=None, num_workers=workers,
+                        collate_fn=as_is, prefetch_factor=4 if workers else None)
     columns = [TextColumn("[bold]reading the pool"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     done = 0
     with Progress(*columns) as progress:

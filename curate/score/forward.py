@@ -11,10 +11,9 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader
 
 from curate.models import channels_last_is_safe
-from curate.pools import PoolBatch, PoolDataset, collate_samples
+from curate.pools import PoolBatch, read_batch
 from curate.pools.generated import NoisePool
 from curate.score.indicators import INDICATORS, BatchScores, TeacherProbe
 from curate.score.output import Shard
@@ -99,8 +98,7 @@ class ScoredBatch:
 def score_samples(teacher: Teacher, pool, indices=None) -> tuple[PoolBatch, BatchScores | None]:
     """Read a handful of samples (all of ``pool`` by default) in the teacher's geometry and score them in one
     CPU batch, outside a scoring run: seed images, spot checks. Scores are None when none could be read."""
-    dataset = PoolDataset(pool, teacher.spec.geometry(), indices)
-    batch = collate_samples([dataset[i] for i in range(len(dataset))])
+    batch = read_batch(pool, range(len(pool)) if indices is None else indices, teacher.spec.geometry())
     if not len(batch.indices):
         return batch, None
     return batch, ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)(batch.images)
@@ -110,10 +108,9 @@ def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: in
     """Score ``count`` synthetic noise images: the reference every indicator is standardised against."""
     spec = teacher.spec
     noise = NoisePool(count=count, size=spec.image_size, channels=spec.in_channels, seed=seed, name="reference")
-    loader = DataLoader(PoolDataset(noise, spec.geometry()), batch_size=batch_size, collate_fn=collate_samples)
     values: dict[str, list[torch.Tensor]] = {name: [] for name in INDICATORS}
-    for batch in loader:
-        scores = forward(batch.images)
+    for start in range(0, count, batch_size):
+        scores = forward(read_batch(noise, range(start, min(start + batch_size, count)), spec.geometry()).images)
         for name in INDICATORS:
             values[name].append(scores.indicators[name])
     return Reference.fit({name: torch.cat(v) for name, v in values.items()})

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 from torch.utils.data import DataLoader
 
-from curate.pools import PoolDataset, collate_samples
+from curate.pools import BatchedPoolDataset, as_is
 from curate.score.config import ScoreConfig
 from curate.score.executors.base import ScoringJob
 from curate.score.forward import BatchScorer, PositionBatches, ScoredBatch
@@ -23,10 +23,11 @@ class LocalExecutor:
         plan = PositionBatches(job.todo, cfg.batch_size)
         workers = cfg.workers if cfg.workers is not None else (0 if job.pool.cheap_to_read else os.cpu_count() or 1)
         loader = DataLoader(
-            PoolDataset(job.pool, job.teacher.spec.geometry()),
-            batch_sampler=plan,
+            BatchedPoolDataset(job.pool, job.teacher.spec.geometry()),
+            sampler=plan,
+            batch_size=None,
             num_workers=workers,
-            collate_fn=collate_samples,
+            collate_fn=as_is,
             prefetch_factor=4 if workers > 0 else None,
             pin_memory=job.forward.device.type == "cuda",
         )

@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from curate.device import pick_device
 from curate.errors import UserError
-from curate.pools import PoolDataset, collate_samples, open_pool
+from curate.pools import open_pool, read_batch
 from curate.score.config import ScoreConfig
 from curate.score.executors.base import ScoringJob
 from curate.score.forward import BatchScorer, ForwardPass, PositionBatches, ScoredBatch, wants_autocast
@@ -100,14 +100,15 @@ class BatchActor:
         if teacher.fingerprint != fingerprint:
             raise UserError(f"{cfg.teacher} on a Ray worker is not the driver's teacher: put the same file at the "
                             "same path on every node")
-        self.dataset = PoolDataset(open_pool(cfg.pool, cfg.root, cfg.pool_options), teacher.spec.geometry())
+        self.pool = open_pool(cfg.pool, cfg.root, cfg.pool_options)
+        self.geometry = teacher.spec.geometry()
         forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
         self.scorer = BatchScorer(forward, Reference.from_json(reference), schema)
 
     def __call__(self, work: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "errors": [], "samples": []}
         for shard, start, stop in zip(work["shard"], work["start"], work["stop"]):
-            batch = collate_samples([self.dataset[i] for i in range(int(start), int(stop))])
+            batch = read_batch(self.pool, range(int(start), int(stop)), self.geometry)
             rows = self.scorer(batch)
             out["shard"].append(int(shard))
             out["rows"].append(b"" if rows is None else _to_ipc(rows))
