@@ -164,10 +164,11 @@ def lenet5(num_classes: int, in_channels: int, image_size: int, width: float = 1
 
 
 def conv1(num_classes: int, in_channels: int, width: float = 1.0) -> Classifier:
-    """One strided convolution with BatchNorm, pooled, and the linear classifier: a teacher that costs next to
-    nothing, so a benchmark with it times the scoring pipeline's own work (reading, hooks, indicators, writing)."""
+    """One convolution over 4x4 patches with BatchNorm, pooled, and the linear classifier: a teacher that costs
+    next to nothing, so a benchmark with it times the scoring pipeline's own work (reading, hooks, indicators,
+    writing)."""
     channels = _scaled(8, width)
-    trunk = nn.Sequential(nn.Conv2d(in_channels, channels, 3, stride=2, padding=1, bias=False),
+    trunk = nn.Sequential(nn.Conv2d(in_channels, channels, 4, stride=4, bias=False),
                           nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
     return Classifier(_pooled(trunk), channels, num_classes)
 

@@ -62,9 +62,29 @@ class InputSpec:
         """uint8 CHW image (or NCHW batch) of any channel count and size -> uint8 image(s) of this spec's shape."""
         return Geometry(self.in_channels, self.image_size)
 
-    def normalize(self) -> v2.Compose:
+    def normalize(self) -> Normalize:
         """Per batch (or sample): uint8 images of this spec's shape -> the normalised float32 input the model takes."""
-        return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
+        return Normalize(self.mean, self.std)
+
+
+class Normalize:
+    """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel: the arithmetic of torchvision's
+    ``ToDtype(float32, scale=True)`` and ``Normalize`` (bit for bit), in place on one new tensor. The composed
+    v2 transforms cost 2.8 us a row in scoring (dispatch and a copy per step), a third of the pipeline's own
+    time with a trivial teacher."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.mean, self.std = mean, std
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if images.device not in self._constants:
+            self._constants[images.device] = (torch.tensor(self.mean, device=images.device).view(-1, 1, 1),
+                                              torch.tensor(self.std, device=images.device).view(-1, 1, 1))
+        mean, std = self._constants[images.device]
+        if images.is_floating_point():  # already in [0, 1], as ToDtype leaves it
+            return images.to(torch.float32, copy=True).sub_(mean).div_(std)
+        return images.to(torch.float32).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 class Geometry:

