@@ -1,5 +1,6 @@
 """The writer: scored batches, in pool order, streamed into the shard files of a scored folder by a thread of
-its own (Parquet encoding, rename, manifest), so encoding overlaps the teacher's work."""
+its own (building the Arrow rows of the local executor's batches, Parquet encoding, rename, manifest), so
+that work overlaps the teacher's."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ctypes.util
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -57,7 +58,7 @@ class ShardWriterThread:
                 if op == "open":
                     file = self.output.open_shard(value, self.schema)
                 elif op == "batch":
-                    file.write(value)
+                    file.write(value() if callable(value) else value)
                 else:
                     file.commit(value)
                     file = None
@@ -78,7 +79,7 @@ class ShardWriterThread:
     def open(self, shard: Shard) -> None:
         self._put("open", shard)
 
-    def write(self, batch: pa.RecordBatch) -> None:
+    def write(self, batch: pa.RecordBatch | Callable[[], pa.RecordBatch]) -> None:
         self._put("batch", batch)
 
     def commit(self, errors: list[tuple[str, str]]) -> None:
