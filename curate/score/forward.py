@@ -5,10 +5,9 @@ reference that standardises the indicators."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 
 import pyarrow as pa
 import torch
@@ -70,12 +69,7 @@ class PositionBatches:
 
 
 class BatchScorer:
-    """A decoded pool batch -> its rows in the scored schema (None when no sample of it was readable).
-
-    Two steps: the teacher's pass (``deferred``), then standardising the indicators and building the Arrow
-    record batch, which ``deferred`` leaves as a function for the writer thread to call, off the path that
-    keeps the teacher busy. Calling the scorer does both at once.
-    """
+    """A decoded pool batch -> its rows in the scored schema (None when no sample of it was readable)."""
 
     def __init__(self, forward: ForwardPass, reference: Reference, schema: pa.Schema) -> None:
         self.forward = forward
@@ -83,15 +77,9 @@ class BatchScorer:
         self.schema = schema
 
     def __call__(self, batch: PoolBatch) -> pa.RecordBatch | None:
-        build = self.deferred(batch)
-        return None if build is None else build()
-
-    def deferred(self, batch: PoolBatch) -> Callable[[], pa.RecordBatch] | None:
         if not len(batch.indices):
             return None
-        return partial(self._rows, batch, self.forward(batch.images))
-
-    def _rows(self, batch: PoolBatch, scores: BatchScores) -> pa.RecordBatch:
+        scores = self.forward(batch.images)
         z = self.reference.standardize(scores.indicators)
         return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
                             self.reference.relatedness(z))
@@ -99,11 +87,10 @@ class BatchScorer:
 
 @dataclass
 class ScoredBatch:
-    """What an executor hands the writer: the rows of one batch of ``shard`` (or the function that builds
-    them, called on the writer thread) and its unreadable samples."""
+    """What an executor hands the writer: the rows of one batch of ``shard`` and its unreadable samples."""
 
     shard: int
-    rows: pa.RecordBatch | Callable[[], pa.RecordBatch] | None
+    rows: pa.RecordBatch | None
     errors: list[tuple[str, str]]  # (uid, reason)
     samples: int  # pool positions covered, readable or not
 

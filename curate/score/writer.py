@@ -1,6 +1,5 @@
 """The writer: scored batches, in pool order, streamed into the shard files of a scored folder by a thread of
-its own (building the Arrow rows of the local executor's batches, Parquet encoding, rename, manifest), so
-that work overlaps the teacher's."""
+its own (Parquet encoding, rename, manifest), so encoding overlaps the teacher's work."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import ctypes.util
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import pyarrow as pa
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -58,7 +57,7 @@ class ShardWriterThread:
                 if op == "open":
                     file = self.output.open_shard(value, self.schema)
                 elif op == "batch":
-                    file.write(value() if callable(value) else value)
+                    file.write(value)
                 else:
                     file.commit(value)
                     file = None
@@ -79,7 +78,7 @@ class ShardWriterThread:
     def open(self, shard: Shard) -> None:
         self._put("open", shard)
 
-    def write(self, batch: pa.RecordBatch | Callable[[], pa.RecordBatch]) -> None:
+    def write(self, batch: pa.RecordBatch) -> None:
         self._put("batch", batch)
 
     def commit(self, errors: list[tuple[str, str]]) -> None:

@@ -32,5 +32,5 @@ class LocalExecutor:
             pin_memory=job.forward.device.type == "cuda",
         )
         for positions, batch in zip(plan, loader):
-            yield ScoredBatch(positions[0] // cfg.shard_rows, scorer.deferred(batch),
+            yield ScoredBatch(positions[0] // cfg.shard_rows, scorer(batch),
                               [(uid, reason) for _, uid, reason in batch.errors], len(positions))
