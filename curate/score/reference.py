@@ -73,9 +73,13 @@ class Reference:
         return [name for name in INDICATORS if not math.isnan(self.mean[name])]
 
     def standardize(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """z-score of every indicator against the noise reference (NaN stays NaN), clipped to +-50."""
-        return {name: ((values[name].double() - self.mean[name]) / self.std[name]).clamp(-_Z_CLIP, _Z_CLIP).float()
-                for name in INDICATORS}
+        """z-score of every indicator against the noise reference (NaN stays NaN), clipped to +-50: the seven
+        indicators in one stacked tensor, five operations a batch instead of five per indicator."""
+        stacked = torch.stack([values[name] for name in INDICATORS]).double()
+        mean, std = (torch.tensor([moments[name] for name in INDICATORS], dtype=torch.float64,
+                                  device=stacked.device)[:, None] for moments in (self.mean, self.std))
+        z = ((stacked - mean) / std).clamp(-_Z_CLIP, _Z_CLIP).float()
+        return dict(zip(INDICATORS, z.unbind(0)))
 
     def relatedness_terms(self) -> list[str]:
         """The indicators whose z-scores are summed into ``relatedness``."""
