@@ -129,22 +129,33 @@ class TeacherProbe:
         else:
             feat_norm = nan
             indicators["feat_norm"] = indicators["cos_class"] = nan
+        per_sample = {"confidence": top[:, 0], "margin": top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0],
+                      "entropy": entropy, "energy": energy, "feat_norm": feat_norm, "pred": pred,
+                      **{f"indicator:{k}": v for k, v in indicators.items()}}
+        host = _to_host({"logits": logits, "embedding": features, **per_sample})
         return BatchScores(
-            logits=logits.cpu(),
-            embedding=None if features is None else features.cpu(),
-            pred=pred.cpu(),
-            confidence=top[:, 0].cpu(),
-            margin=(top[:, 0] - top[:, 1]).cpu() if top.shape[1] > 1 else top[:, 0].cpu(),
-            entropy=entropy.cpu(),
-            energy=energy.cpu(),
-            feat_norm=feat_norm.cpu(),
-            indicators={k: v.float().cpu() for k, v in indicators.items()},
+            logits=host["logits"], embedding=host["embedding"], pred=host["pred"].long(),
+            confidence=host["confidence"], margin=host["margin"], entropy=host["entropy"], energy=host["energy"],
+            feat_norm=host["feat_norm"], indicators={k: host[f"indicator:{k}"] for k in indicators},
         )
 
     def close(self) -> None:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+
+
+def _to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """Every output of a batch in one device-to-host copy (one float32 buffer, split into contiguous views
+    on the host) instead of one copy, and one synchronisation, per column. The class index travels as a
+    float32, exact below 2**24 classes."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    flat = torch.cat([v.float().reshape(-1) for v in present.values()]).cpu()
+    host, offset = dict.fromkeys(tensors), 0
+    for name, tensor in present.items():
+        host[name] = flat[offset:offset + tensor.numel()].view(tensor.shape)
+        offset += tensor.numel()
+    return host
 
 
 def _final_linear(model: nn.Module) -> nn.Linear | None:
