@@ -67,7 +67,8 @@ def streaming(shards: Path, out: Path, steps: int, batch_size: int, workers: int
     from train.distill import DistillConfig, distill
 
     cfg = DistillConfig(shards=shards, out=out, width=0.5, steps=steps, batch_size=batch_size, workers=workers,
-                        log_every=steps // WARMUP_PARTS, ckpt_every=10 * steps, device="cpu", amp=amp)
+                        log_every=steps // WARMUP_PARTS, ckpt_every=10 * steps, device="cpu", amp=amp,
+                        crop_padding=2)  # as the in-memory loop (and the figures measured before crops became opt-in)
     start = time.perf_counter()
     history = distill(cfg)["history"][1:]
     wall = time.perf_counter() - start

@@ -67,3 +67,11 @@ def test_every_candidate_recipe_is_a_valid_train_distill_command(name: str) -> N
     cfg = config_from(DistillConfig, params)
     assert (cfg.teacher is not None) == CANDIDATES[name].online_teacher
     assert CHOSEN in CANDIDATES
+
+
+def test_crops_default_on_only_where_the_teacher_labels_them(teacher_path: Path) -> None:
+    """A stored logit belongs to the uncropped image: crops are on by default only with an online teacher."""
+    assert DistillConfig().crop_padding == 0
+    assert DistillConfig(teacher=teacher_path).crop_padding == 2
+    assert DistillConfig(crop_padding=3).crop_padding == 3 and DistillConfig(teacher=teacher_path,
+                                                                            crop_padding=0).crop_padding == 0

@@ -95,8 +95,9 @@ def distill(
     lr: Annotated[float | None, typer.Option(help="peak learning rate (default 0.05 SGD, 2e-3 AdamW)")] = None,
     weight_decay: float = DistillConfig.weight_decay,
     warmup_steps: Annotated[int | None, typer.Option(help="linear warm-up steps (default 3% of the steps)")] = None,
-    crop_padding: Annotated[int, typer.Option(
-        help="random-crop padding in pixels (0: none)")] = DistillConfig.crop_padding,
+    crop_padding: Annotated[int | None, typer.Option(
+        help="random-crop padding in pixels, 0: none (default: 2 with --teacher, which labels each crop; 0 on "
+             "stored logits, which belong to the uncropped image)")] = DistillConfig.crop_padding,
     flip: Annotated[bool, typer.Option(help="random horizontal flips (only where "
                                             "the task allows)")] = DistillConfig.flip,
     mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples "
