@@ -15,8 +15,8 @@
 4. The same student, steps and batch size for every arm: `original` (the teacher's own images, no labels),
    `uniform` and `related` with plain KD on stored logits, `related+signal` with the better learning signal.
    The ablation (`full`) trains every candidate recipe on `related` / `no-fashion` with a tuning seed and
-   chooses the recipe of `related+signal` by agreement with the teacher on held-out shard rows (no test
-   label); the other profiles use the recipe `full` chose.
+   chooses the recipe of `related+signal` by KL(teacher || student) on held-out shard rows (no test label);
+   the other profiles use `CHOSEN` (design.py).
 5. Every student is evaluated on Fashion-MNIST's test split; `results.json`, `report.md` and plots follow.
 
 Every step is one `curate`/`train` command (listed in the report) run with a completion marker, so running
@@ -35,6 +35,7 @@ from curate.query.scored import ScoredPool
 from pipelines.design import (
     CANDIDATES,
     CHOSEN,
+    CHOSEN_BY,
     ORIGINAL_SPEC,
     POOL_SPEC,
     POOLS,
@@ -115,7 +116,7 @@ class Experiment:
             scores = {run.label: float(last_metrics(run.folder)[RECIPE_CRITERION]) for run in runs}
             chosen, how = min(scores, key=scores.__getitem__), "this experiment's ablation"
         else:
-            scores, chosen, how = {}, CHOSEN, "the `full` profile's ablation (results/full)"
+            scores, chosen, how = {}, CHOSEN, CHOSEN_BY
         choice = {"chosen": chosen, "criterion": RECIPE_CRITERION, "chosen_by": how, "scores": scores,
                   "options": CANDIDATES[chosen].options("teacher.pt")}
         self.design.recipe_file.write_text(json.dumps(choice, indent=1))
