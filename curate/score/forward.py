@@ -108,9 +108,10 @@ def score_reference(forward: ForwardPass, teacher: Teacher, count: int, seed: in
     """Score ``count`` synthetic noise images: the reference every indicator is standardised against."""
     spec = teacher.spec
     noise = NoisePool(count=count, size=spec.image_size, channels=spec.in_channels, seed=seed, name="reference")
+    geometry = spec.geometry()
     values: dict[str, list[torch.Tensor]] = {name: [] for name in INDICATORS}
     for start in range(0, count, batch_size):
-        scores = forward(read_batch(noise, range(start, min(start + batch_size, count)), spec.geometry()).images)
+        scores = forward(read_batch(noise, range(start, min(start + batch_size, count)), geometry).images)
         for name in INDICATORS:
             values[name].append(scores.indicators[name])
     return Reference.fit({name: torch.cat(v) for name, v in values.items()})
