@@ -4,11 +4,8 @@ exact resume after SIGKILL, refusal of a mismatched output, and unreadable sampl
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from curate.score.config import ScoreConfig
 from curate.score.indicators import INDICATORS
 from curate.score.runner import score_pool
 from curate.teachers import load_teacher, save_model
+from tests.processes import kill_after_second_shard
 
 
 def read_scored(folder: Path):
@@ -102,14 +100,7 @@ def test_sigkill_then_resume_gives_identical_files(scored: Path, teacher_path: P
     command = [sys.executable, "-m", "curate", "score", "--teacher", str(teacher_path), "--pool", str(pool_spec),
                "--out", str(out), "--shard-rows", "300", "--batch-size", "64", "--workers", "0",
                "--reference-count", "256"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "part-00001.parquet").exists() and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
-    manifest = json.loads((out / "_manifest.json").read_text())
-    assert not manifest["complete"], "the run finished before it could be killed: make the pool bigger"
+    kill_after_second_shard(command, out)
     # the shard being streamed is a temporary with a leading dot, which readers skip; renamed shards are whole
     assert all(p.name.startswith(".") for p in out.rglob("*.tmp-*"))
     resumed = subprocess.run(command, capture_output=True, text=True, check=False)

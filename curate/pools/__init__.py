@@ -13,7 +13,7 @@ from pathlib import Path
 from curate.errors import UserError
 
 # Importing the modules registers their kinds.
-from curate.pools import arrays, batches, generated, glyphs, idx, images, mix  # noqa: F401
+from curate.pools import arrays, batches, generated, glyphs, idx, image_tables, images, mix, webdataset  # noqa: F401
 from curate.pools.base import Pool, Sample, SampleError
 from curate.pools.dataset import (
     BatchedPoolDataset,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,13 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def open_rgb(path: Path, max_side: int, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """Decode an image file to RGB no larger than ``max_side``; transparency is flattened onto ``background``."""
+def open_rgb(image: Path | bytes, max_side: int, background: tuple[int, int, int] = (0, 0, 0),
+             name: str | None = None) -> Image.Image:
+    """Decode an image file (or its bytes, called ``name`` in errors) to RGB no larger than ``max_side``;
+    transparency is flattened onto ``background``."""
+    name = name or (image.name if isinstance(image, Path) else "image bytes")
     try:
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
             im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -32,8 +37,10 @@ def open_rgb(path: Path, max_side: int, background: tuple[int, int, int] = (0, 0
                 flat.paste(rgba, mask=rgba.getchannel("A"))
                 return flat
             return im.convert("RGB")
+    except Image.UnidentifiedImageError:  # its message names the file object, an address for bytes
+        raise SampleError(f"cannot decode {name}: not a format Pillow can identify") from None
     except Exception as err:  # untrusted bytes: any decoder failure (a decompression bomb too) is this file's alone
-        raise SampleError(f"cannot decode {path.name}: {type(err).__name__}: {err}") from None
+        raise SampleError(f"cannot decode {name}: {type(err).__name__}: {err}") from None
 
 
 def center_square(image: Image.Image) -> Image.Image:
@@ -51,6 +58,33 @@ def parse_background(value: str) -> tuple[int, int, int]:
     return _BACKGROUNDS[value]
 
 
+# The options of every pool of encoded images (files, tar members, Parquet cells), and their help.
+DECODING_OPTIONS = {
+    "square": "crop | stretch: how non-square images become square (default crop, the centre)",
+    "background": "black | white: what transparent pixels become (default black)",
+    "max_side": "decode large files down to about this many pixels (default 256)",
+}
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How encoded images become pixels: decoded at most ``max_side`` large, transparency on ``background``,
+    made square by a centre crop (or left to the resize to stretch)."""
+
+    square: str = "crop"
+    background: str = "black"
+    max_side: int = 256
+
+    def __post_init__(self) -> None:
+        if self.square not in ("crop", "stretch"):
+            raise UserError(f"square must be crop or stretch, got {self.square!r}")
+        parse_background(self.background)
+
+    def __call__(self, image: Path | bytes, name: str | None = None) -> np.ndarray:
+        decoded = open_rgb(image, self.max_side, parse_background(self.background), name)
+        return np.asarray(center_square(decoded) if self.square == "crop" else decoded)
+
+
 @register
 class FolderPool(Pool):
     cheap_to_read = False
@@ -58,9 +92,7 @@ class FolderPool(Pool):
     summary = "any tree of JPEG/PNG/WebP files, read recursively one file at a time"
     options = {
         "labels": "true: the first subfolder names the class (default false)",
-        "square": "crop | stretch: how non-square images become square (default crop, the centre)",
-        "background": "black | white: what transparent pixels become (default black)",
-        "max_side": "decode large files down to about this many pixels (default 256)",
+        **DECODING_OPTIONS,
         "name": "source name (default: the folder's name)",
     }
     root_help = "the folder itself"
@@ -70,10 +102,7 @@ class FolderPool(Pool):
         if root is None:
             raise UserError("the folder pool needs --root pointing at the image folder")
         self.root = require_dir(Path(root), "image folder", "pass --root with an existing folder")
-        if square not in ("crop", "stretch"):
-            raise UserError(f"square must be crop or stretch, got {square!r}")
-        self.square, self.max_side = square, int(max_side)
-        self.background = parse_background(background)
+        self.decode = Decoding(square, background, int(max_side))
         self.source = name or self.root.resolve().name
         self.files = [p.relative_to(self.root).as_posix() for p in list_images(self.root)]
         if not self.files:
@@ -89,11 +118,8 @@ class FolderPool(Pool):
 
     def read(self, index: int) -> tuple[np.ndarray, int | None]:
         relative = self.files[index]
-        image = open_rgb(self.root / relative, self.max_side, self.background)
-        if self.square == "crop":
-            image = center_square(image)
         label = self._class_index.get(relative.split("/")[0]) if "/" in relative else None
-        return np.asarray(image), label
+        return self.decode(self.root / relative), label
 
     def describe(self) -> dict:
         return {**super().describe(), "root": str(self.root)}
