@@ -262,10 +262,14 @@ def export(
     workers: Annotated[int | None, typer.Option(help="DataLoader processes reading the pool")] = None,
     verify: Annotated[int, typer.Option(help="rows re-scored by the teacher to check the pool is unchanged "
                                                     "(0: skip)")] = ExportConfig.verify,
+    format: Annotated[str, typer.Option(help="parquet (what train distill streams) or webdataset (tar shards: "
+                                             "KEY.png, KEY.logits.npy, KEY.cls, KEY.json, for other "
+                                             "trainers)")] = ExportConfig.format,
 ) -> None:
     """Read the selected samples back from the pool and write self-contained, shuffled shards for `train distill`.
 
     Example: curate export --scored scored/ --selection sel.parquet --out selected/
+    (--format webdataset: the same rows as WebDataset tars with soft labels, for trainers outside this project)
     """
     from curate.query.export import export_selection
 

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 
 from curate.atomic import read_json_object
 from curate.errors import UserError
+from curate.selected_tars import FORMAT as TARS_FORMAT
 from curate.spec import InputSpec
 
 FORMAT = "curate.selected/1"
@@ -143,6 +144,9 @@ class CuratedShards:
             found = "is empty" if not any(folder.iterdir()) else f"has no {MANIFEST}"
             raise UserError(f"{folder} {found}: give a folder written by `curate export`")
         manifest = read_json_object(folder / MANIFEST, "export the selection again")
+        if manifest.get("format") == TARS_FORMAT:
+            raise UserError(f"{folder} holds WebDataset tars (curate export --format webdataset), for other "
+                            "trainers: train distill streams the Parquet format; export again without --format")
         if manifest.get("format") != FORMAT:
             raise UserError(f"{folder} is not a curated shard folder ({manifest.get('format')})")
         extra = sorted({p.name for p in folder.glob("shard-*.parquet")} - {e["file"] for e in manifest["shards"]})

@@ -301,6 +301,40 @@ def test_export_round_trip(scored: Path, tmp_path: Path, teacher_path: Path, poo
         export_selection(ExportConfig(scored=scored, selection=tmp_path / "sel.parquet", out=out))
 
 
+def test_export_as_webdataset_tars_streams_the_same_rows_with_the_webdataset_library(scored: Path,
+                                                                                     tmp_path: Path) -> None:
+    webdataset = pytest.importorskip("webdataset")
+    select(scored, tmp_path / "sel.parquet", strategy="balanced", budget=150, weights="class")
+    folders = {}
+    for fmt in ("parquet", "webdataset"):
+        folders[fmt] = tmp_path / fmt
+        export_selection(ExportConfig(scored=scored, selection=tmp_path / "sel.parquet", out=folders[fmt],
+                                      shard_rows=64, row_group_rows=32, embedding=True, seed=3, format=fmt))
+    manifest = json.loads((folders["webdataset"] / "_manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert [s["rows"] for s in manifest["shards"]] == [64, 64, 22]
+    expected = pq.read_table(folders["parquet"]).to_pylist()
+    stream = webdataset.WebDataset(str(folders["webdataset"] / "shard-{00000..00002}.tar"), shardshuffle=False,
+                                   empty_check=False).decode("l8")
+    streamed = list(stream)
+    assert len(streamed) == len(expected) == 150
+    for row, sample in zip(expected, streamed):
+        meta = sample["json"]
+        assert (meta["uid"], meta["source"], meta["label"]) == (row["uid"], row["source"], row["label"])
+        assert meta["weight"] == pytest.approx(row["weight"], rel=1e-7)
+        pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(manifest["image_shape"])[0]
+        assert np.array_equal(sample["png"], pixels)
+        assert np.array_equal(sample["logits.npy"], np.array(row["logits"], dtype=np.float32))
+        assert np.array_equal(sample["embedding.npy"], np.array(row["embedding"], dtype=np.float32))
+        assert sample["cls"] == meta["teacher_class"] == int(np.argmax(row["logits"]))
+    from train.config import DistillConfig
+    from train.distill import distill
+
+    with pytest.raises(UserError, match="holds WebDataset tars"):
+        distill(DistillConfig(shards=folders["webdataset"], out=tmp_path / "run", steps=2, batch_size=16,
+                              device="cpu"))
+
+
 def test_export_refuses_a_changed_pool_and_foreign_uids(tmp_path: Path, teacher_path: Path, mnist_root: Path) -> None:
     digits = open_pool("mnist:test", mnist_root)
     images = np.stack([digits.sample(i).image[0].numpy() for i in range(300)])

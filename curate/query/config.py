@@ -50,6 +50,9 @@ class SelectConfig:
             raise UserError(f"--epsilon {self.epsilon} is not in [0, 1]: it is the uniform share of the sampling")
 
 
+EXPORT_FORMATS = ("parquet", "webdataset")
+
+
 @dataclass
 class ExportConfig:
     selection: Path
@@ -62,9 +65,11 @@ class ExportConfig:
     seed: int = 0
     workers: int | None = None
     verify: int = 256  # rows re-scored by the teacher to check the pool still holds the scored images
+    format: str = "parquet"  # or webdataset: tar shards for trainers outside this project
     command: list[str] = field(default_factory=lambda: list(sys.argv))
 
     def __post_init__(self) -> None:
+        one_of(EXPORT_FORMATS, format=self.format)
         at_least(1, shard_rows=self.shard_rows, row_group_rows=self.row_group_rows)
         at_least(0, workers=self.workers, verify=self.verify)
         if self.shard_rows % self.row_group_rows:

@@ -5,6 +5,8 @@ selected/shard-00000.parquet ...  uid, source, pixels, logits, weight, label (+ 
 selected/_manifest.json           teacher, image shape, class names, shard counts, provenance
 ```
 
+(or, with ``--format webdataset``, the same rows as WebDataset tars: curate/selected_tars.py).
+
 Pixels are read back from the original pool and brought to the teacher's input
 geometry (channels, size), stored as raw uint8 CHW bytes: the trainer needs
 neither the pool nor its decoders. Rows are shuffled (seeded) across shards
@@ -36,6 +38,8 @@ from curate.pools import BatchedPoolDataset, as_is, open_pool
 from curate.query.config import ExportConfig
 from curate.query.scored import ScoredPool
 from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
+from curate.selected_tars import FORMAT as TARS_FORMAT
+from curate.selected_tars import TarShardWriter
 from curate.spec import InputSpec
 from curate.teachers import file_fingerprint
 from curate.vectors import float_lists
@@ -170,6 +174,8 @@ def export_selection(cfg: ExportConfig) -> ExportSummary:
     spec = InputSpec.from_meta(scored.teacher_meta)
     embedding_dim = rows.schema.field("embedding").type.list_size if cfg.embedding else None
     manifest = manifest_for(scored.fingerprint, scored.teacher_meta, spec, scored.class_names, scored.num_classes)
+    if cfg.format == "webdataset":
+        manifest["format"] = TARS_FORMAT
     manifest.update({
         "rows": rows.num_rows,
         "weight_sum": float(pc.sum(rows["weight"]).as_py()),
@@ -233,14 +239,18 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
 
 def _write_shards(cfg: ExportConfig, rows: pa.Table, pixels: np.ndarray, schema: pa.Schema,
                   folder: Path) -> list[dict[str, Any]]:
-    writer = ShardWriter(folder, schema, cfg.shard_rows, cfg.row_group_rows)
+    tars = TarShardWriter(folder, cfg.shard_rows) if cfg.format == "webdataset" else None
+    parquet = ShardWriter(folder, schema, cfg.shard_rows, cfg.row_group_rows) if tars is None else None
     columns = [TextColumn("[bold]writing shards"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     with Progress(*columns) as progress:
         task = progress.add_task("write", total=rows.num_rows)
         for offset in range(0, rows.num_rows, cfg.row_group_rows):
             part = rows.slice(offset, cfg.row_group_rows)
-            writer.write(rows_table(schema, part["uid"], part["source"], pixels[offset:offset + part.num_rows],
-                                    part["logits"], part["weight"], part["label"],
-                                    part["embedding"] if cfg.embedding else None))
+            images = pixels[offset:offset + part.num_rows]
+            if tars is not None:
+                tars.write(part, images)
+            else:
+                parquet.write(rows_table(schema, part["uid"], part["source"], images, part["logits"], part["weight"],
+                                         part["label"], part["embedding"] if cfg.embedding else None))
             progress.advance(task, part.num_rows)
-    return writer.close()
+    return (tars or parquet).close()
