@@ -108,6 +108,39 @@ root = "{icons}"
 
 
 @pytest.fixture(scope="session")
+def crawl_mix(workdir: Path) -> Path:
+    """A mix of 1,500 real digits in WebDataset shards (with one damaged member) and 600 in Parquet tables."""
+    root = workdir / "crawl-mix"
+    pool = open_pool("mnist5k")
+    images = np.stack([pool.sample(i).image[0].numpy() for i in range(2100)])
+    labels = np.array([pool.sample(i).label for i in range(2100)])
+    formats.write_webdataset(root / "wds", images[:1500], labels[:1500], per_shard=250)
+    import webdataset
+
+    with webdataset.TarWriter(str(root / "wds" / "shards-000006.tar")) as sink:
+        sink.write({"__key__": "damaged", "png": b"\x89PNG\r\n\x1a\n cut short", "cls": 0})
+    (root / "tables").mkdir()
+    for part in range(2):
+        formats.write_img2dataset(root / "tables" / f"{part:05d}.parquet", images[1500 + 300 * part:1800 + 300 * part],
+                          row_group=64)
+    spec = root / "crawl.toml"
+    spec.write_text(f"""
+name = "crawl"
+[[source]]
+kind = "webdataset"
+name = "wds"
+root = "{root / 'wds'}"
+shards = "shards-{{000000..000006}}.tar"
+labels = true
+[[source]]
+kind = "parquet"
+name = "tables"
+root = "{root / 'tables'}"
+""")
+    return spec
+
+
+@pytest.fixture(scope="session")
 def scored(workdir: Path, teacher_path: Path, pool_spec: Path) -> Path:
     out = workdir / "scored"
     score_pool(ScoreConfig(teacher=teacher_path, pool=str(pool_spec), out=out, shard_rows=300, batch_size=64,

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import scipy.io
+from PIL import Image
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool) -> Path:
@@ -79,3 +83,29 @@ def write_stl10(root: Path, split: str, images: np.ndarray, labels: np.ndarray |
     (folder / f"{split}_X.bin").write_bytes(np.ascontiguousarray(images.transpose(0, 3, 2, 1)).tobytes())
     if labels is not None:
         (folder / f"{split}_y.bin").write_bytes((labels + 1).astype(np.uint8).tobytes())
+
+
+def encoded(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_webdataset(folder: Path, images: np.ndarray, labels: np.ndarray, per_shard: int) -> Path:
+    """WebDataset shards as the `webdataset` library writes them: KEY.png, KEY.cls, KEY.json per sample."""
+    import webdataset
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with webdataset.ShardWriter(str(folder / "shards-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+        for i, (image, label) in enumerate(zip(images, labels)):
+            sink.write({"__key__": f"digit{i:05d}", "png": Image.fromarray(image), "cls": int(label),
+                        "json": {"index": i}})
+    return folder
+
+
+def write_img2dataset(path: Path, images: np.ndarray, row_group: int) -> None:
+    """img2dataset's parquet output: key, the image bytes in a binary column named after the format, status."""
+    table = pa.table({"key": [f"{i:09d}" for i in range(len(images))],
+                      "jpg": pa.array([encoded(im, "PNG") for im in images], pa.binary()),
+                      "status": ["success"] * len(images)})
+    pq.write_table(table, path, row_group_size=row_group)

@@ -23,6 +23,7 @@ from curate.errors import UserError
 from curate.pools import PoolDataset, open_pool
 from curate.pools.remote import expand_braces
 from curate.spec import InputSpec
+from tests.formats import encoded, write_img2dataset, write_webdataset
 from tests.processes import kill_after_second_shard
 
 webdataset = pytest.importorskip("webdataset")
@@ -38,19 +39,9 @@ def digits() -> tuple[np.ndarray, np.ndarray]:
     return np.stack([s.image[0].numpy() for s in samples]), np.array([s.label for s in samples])
 
 
-def write_shards(folder: Path, images: np.ndarray, labels: np.ndarray, per_shard: int) -> Path:
-    """WebDataset shards as the library writes them: KEY.png, KEY.cls, KEY.json per sample."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with webdataset.ShardWriter(str(folder / "shards-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i, (image, label) in enumerate(zip(images, labels)):
-            sink.write({"__key__": f"digit{i:05d}", "png": Image.fromarray(image), "cls": int(label),
-                        "json": {"index": i}})
-    return folder
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory, digits) -> Path:
-    return write_shards(tmp_path_factory.mktemp("wds") / "crawl", *digits, per_shard=20)
+    return write_webdataset(tmp_path_factory.mktemp("wds") / "crawl", *digits, per_shard=20)
 
 
 def grey(sample_image: torch.Tensor) -> np.ndarray:
@@ -85,14 +76,14 @@ def test_webdataset_index_is_cached_and_follows_a_changed_shard(tmp_path: Path, 
     import os
 
     images, labels = digits
-    folder = write_shards(tmp_path / "crawl", images[:30], labels[:30], per_shard=15)
+    folder = write_webdataset(tmp_path / "crawl", images[:30], labels[:30], per_shard=15)
     assert len(open_pool("webdataset", folder)) == 30
     cache = Path(os.environ["XDG_CACHE_HOME"]) / "curate" / "webdataset-index"
     indexes = {p for p in cache.glob("*.parquet") if pq.read_schema(p).metadata[b"shard"].decode().startswith(
         str(folder))}
     assert len(indexes) == 2
     assert len(open_pool("webdataset", folder)) == 30  # from the cache
-    write_shards(folder, images[:20], labels[:20], per_shard=10)  # both shards rewritten, 10 samples each
+    write_webdataset(folder, images[:20], labels[:20], per_shard=10)  # both shards rewritten, 10 samples each
     assert len(open_pool("webdataset", folder)) == 20  # a stale index would still say 30
 
 
@@ -107,7 +98,7 @@ def test_damaged_members_and_a_truncated_tar_are_reported_not_fatal(tmp_path: Pa
         sink.write({"__key__": "garbage", "png": b"\x89PNG\r\n\x1a\n not really", "cls": 2})
         sink.write({"__key__": "text-only", "txt": "no image here"})
         sink.write({"__key__": "photo", "jpg": Image.fromarray(images[1]).convert("RGB")})
-    whole = write_shards(tmp_path / "whole", images[:10], labels[:10], per_shard=10) / "shards-000000.tar"
+    whole = write_webdataset(tmp_path / "whole", images[:10], labels[:10], per_shard=10) / "shards-000000.tar"
     data = whole.read_bytes()
     (folder / "truncated.tar").write_bytes(data[:len(data) // 2])
 
@@ -195,20 +186,6 @@ def test_shards_and_tables_read_over_http_equal_local_reads(shards: Path, http_r
     assert len(table) == 24 and np.array_equal(grey(table.sample(17).image), digits[0][17])
 
 
-def encoded(image: np.ndarray, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def write_img2dataset(path: Path, images: np.ndarray, row_group: int) -> None:
-    """img2dataset's parquet output: key, the image bytes in a binary column named after the format, status."""
-    table = pa.table({"key": [f"{i:09d}" for i in range(len(images))],
-                      "jpg": pa.array([encoded(im, "PNG") for im in images], pa.binary()),
-                      "status": ["success"] * len(images)})
-    pq.write_table(table, path, row_group_size=row_group)
-
-
 def test_parquet_tables_in_the_datasets_and_img2dataset_layouts(tmp_path: Path, digits) -> None:
     datasets = pytest.importorskip("datasets")
     images, labels = digits
@@ -258,37 +235,6 @@ def test_crawl_pools_pickle_light_and_read_the_same_after(shards: Path, tmp_path
 
 
 # -- the pipeline over crawl pools ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def crawl_mix(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A mix of 1,500 real digits in WebDataset shards (with one damaged member) and 600 in Parquet tables."""
-    root = tmp_path_factory.mktemp("crawl-mix")
-    pool = open_pool("mnist5k")
-    images = np.stack([pool.sample(i).image[0].numpy() for i in range(2100)])
-    labels = np.array([pool.sample(i).label for i in range(2100)])
-    write_shards(root / "wds", images[:1500], labels[:1500], per_shard=250)
-    with webdataset.TarWriter(str(root / "wds" / "shards-000006.tar")) as sink:
-        sink.write({"__key__": "damaged", "png": b"\x89PNG\r\n\x1a\n cut short", "cls": 0})
-    (root / "tables").mkdir()
-    for part in range(2):
-        write_img2dataset(root / "tables" / f"{part:05d}.parquet", images[1500 + 300 * part:1800 + 300 * part],
-                          row_group=64)
-    spec = root / "crawl.toml"
-    spec.write_text(f"""
-name = "crawl"
-[[source]]
-kind = "webdataset"
-name = "wds"
-root = "{root / 'wds'}"
-shards = "shards-{{000000..000006}}.tar"
-labels = true
-[[source]]
-kind = "parquet"
-name = "tables"
-root = "{root / 'tables'}"
-""")
-    return spec
 
 
 @pytest.mark.slow

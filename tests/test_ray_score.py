@@ -60,6 +60,16 @@ def test_ray_actors_write_the_local_executors_rows(local_ray, scored: Path, teac
     same_folder(resumed, scored)
 
 
+def test_ray_actors_read_crawl_pools_like_the_local_executor(local_ray, teacher_path: Path, crawl_mix: Path,
+                                                            tmp_path: Path) -> None:
+    """WebDataset shards and Parquet tables travel to the actors as file names and indexes, not open files."""
+    common = dict(teacher=teacher_path, pool=str(crawl_mix), shard_rows=500, batch_size=64, reference_count=256)
+    score_pool(ScoreConfig(**common, out=tmp_path / "local", workers=0))
+    summary = score_pool(ScoreConfig(**common, out=tmp_path / "ray", executor="ray", num_actors=2))
+    assert summary.rows == 2100 and summary.errors == 1
+    same_folder(tmp_path / "ray", tmp_path / "local")
+
+
 def curate_without_ray(*args: str) -> subprocess.CompletedProcess:
     """`curate` in a fresh interpreter where `import ray` fails, as on an install without the extra."""
     code = "import sys; sys.modules['ray'] = None; from curate.cli import main; sys.argv[0] = 'curate'; main()"
