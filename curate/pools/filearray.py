@@ -67,9 +67,10 @@ class FileArray:
             view[first:last] = np.frombuffer(data, np.uint8).reshape(last - first, -1)
         return out
 
-    def __del__(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
+    def __del__(self, _getpid=os.getpid, _close=os.close) -> None:
+        # bound at definition: at interpreter exit the module's globals (os) may already be gone
+        if self._fd is not None and self._pid == _getpid():
+            _close(self._fd)
 
 
 def npy_array(path: Path) -> FileArray:
