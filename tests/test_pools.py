@@ -287,8 +287,8 @@ def test_batched_reads_equal_sample_by_sample_reads(tmp_path: Path, rng, channel
                              np.arange(30) % 10, compress=False)
     icons = tmp_path / "icons"
     icons.mkdir()
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
+    for i in range(3):  # two sizes: a batch's transform runs once per size
+        Image.fromarray(rng.integers(0, 256, (20 + 4 * (i % 2), 24, 3), dtype=np.uint8)).save(icons / f"icon{i}.png")
     (icons / "icon1b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     spec = tmp_path / "mix.toml"
     spec.write_text(f"""

@@ -22,15 +22,20 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
-def open_rgb(image: Path | bytes, max_side: int, background: tuple[int, int, int] = (0, 0, 0),
-             name: str | None = None) -> Image.Image:
-    """Decode an image file (or its bytes, called ``name`` in errors) to RGB no larger than ``max_side``;
-    transparency is flattened onto ``background``."""
+def open_image(image: Path | bytes, max_side: int, background: tuple[int, int, int] = (0, 0, 0),
+               name: str | None = None) -> Image.Image:
+    """Decode an image file (or its bytes, called ``name`` in errors) no larger than ``max_side``: grey files to
+    one channel (L), everything else to RGB, transparency flattened onto ``background``. Grey stays grey
+    because the round trip through RGB is not exact: torchvision's RGB -> grey weights sum to 0.9999 and
+    truncate, which darkened about half the grey levels by one for a one-channel teacher."""
     name = name or (image.name if isinstance(image, Path) else "image bytes")
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
-            im.draft("RGB", (max_side, max_side))  # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
+            # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
+            im.draft("L" if im.mode == "L" else "RGB", (max_side, max_side))
             im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            if im.mode in ("L", "1"):
+                return im.convert("L")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 flat = Image.new("RGB", rgba.size, background)
@@ -81,8 +86,8 @@ class Decoding:
         parse_background(self.background)
 
     def __call__(self, image: Path | bytes, name: str | None = None) -> np.ndarray:
-        decoded = open_rgb(image, self.max_side, parse_background(self.background), name)
-        return np.asarray(center_square(decoded) if self.square == "crop" else decoded)
+        decoded = open_image(image, self.max_side, parse_background(self.background), name)
+        return np.array(center_square(decoded) if self.square == "crop" else decoded)  # writable: torch takes it
 
 
 @register
@@ -166,7 +171,7 @@ class PatchesPool(Pool):
         if number not in cache:
             if len(cache) >= 4:
                 cache.popitem(last=False)
-            cache[number] = open_rgb(self.root / self.photos[number], self.decode_side)
+            cache[number] = open_image(self.root / self.photos[number], self.decode_side)
         return cache[number]
 
     def _photo_number(self, index: int) -> int:

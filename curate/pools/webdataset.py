@@ -16,10 +16,12 @@ import os
 import re
 import tarfile
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.atomic import temporary_name
@@ -32,7 +34,8 @@ from curate.pools.remote import Location, digest, map_files, resolve_files
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp"]
 # WebDataset's rule: the key is the member path up to the first dot of its file name, the field the rest.
-_KEY_FIELD = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+_KEY_FIELD = r"^(?P<key>(?:.*/|)[^./]+)\.(?P<field>[^/]*)$"
+_KEY_FIELD_RE = re.compile(_KEY_FIELD)
 _INDEX_FORMAT = "1"
 OPEN_SHARDS = 8  # shard handles kept open per process
 
@@ -41,8 +44,8 @@ class ShardMembers:
     """The regular-file members of one tar shard in order, with where their data starts and its size; and
     the size of the file, so members cut off by a truncation are known."""
 
-    def __init__(self, names: list[str], offsets: np.ndarray, sizes: np.ndarray, file_size: int, truncated: bool,
-                 version: str) -> None:
+    def __init__(self, names: pa.StringArray, offsets: np.ndarray, sizes: np.ndarray, file_size: int,
+                 truncated: bool, version: str) -> None:
         self.names, self.offsets, self.sizes, self.file_size = names, offsets, sizes, file_size
         self.truncated, self.version = truncated, version
 
@@ -72,7 +75,7 @@ class ShardMembers:
             raw.seek(end)
             tail = raw.read(1024)
             truncated = len(tail) < 1024 or any(tail)
-        return cls(names, np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
+        return cls(pa.array(names, pa.string()), np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
                    int(shard.info()["size"]), truncated, shard.version())
 
     @classmethod
@@ -84,13 +87,12 @@ class ShardMembers:
             table = pq.read_table(path)
             meta = table.schema.metadata or {}
             if meta.get(b"format") == _INDEX_FORMAT.encode() and meta.get(b"shard") == shard.name.encode():
-                return cls(table["name"].to_pylist(), table["offset"].to_numpy(), table["size"].to_numpy(),
+                return cls(table["name"].combine_chunks(), table["offset"].to_numpy(), table["size"].to_numpy(),
                            int(meta[b"file_size"]), meta[b"truncated"] == b"1", shard.version())
         except (OSError, KeyError, ValueError, pa.ArrowException):
             pass  # absent or unreadable: scan again
         members = cls.scan(shard)
-        table = pa.table({"name": pa.array(members.names, pa.string()), "offset": members.offsets,
-                          "size": members.sizes})
+        table = pa.table({"name": members.names, "offset": members.offsets, "size": members.sizes})
         table = table.replace_schema_metadata({"format": _INDEX_FORMAT, "shard": shard.name,
                                                "file_size": str(members.file_size),
                                                "truncated": str(int(members.truncated))})
@@ -104,28 +106,41 @@ class ShardMembers:
         return members
 
 
-class ShardSamples:
-    """The samples of one shard: key, and (offset, size) of the chosen image member and of ``cls`` (-1: none)."""
+@dataclass
+class Samples:
+    """Members grouped into samples: for each sample the member number of its first member, of its image
+    member and of its ``cls`` member (-1: none)."""
 
-    def __init__(self, members: ShardMembers, extensions: list[str]) -> None:
-        keys: list[str] = []
-        fields: list[dict[str, int]] = []
-        for number, name in enumerate(members.names):
-            found = _KEY_FIELD.match(name)
-            if found is None or Path(name).name.startswith("__"):
-                continue  # no extension (or WebDataset's own metadata): not a field of any sample
-            key, field = found.group(1), found.group(2).lower()
-            if not keys or keys[-1] != key:
-                keys.append(key)
-                fields.append({})
-            fields[-1].setdefault(field, number)
-        self.keys = keys
-        self.fields = [sorted(f) for f in fields]
-        self.image = np.array([next((f[e] for e in extensions if e in f), -1) for f in fields], dtype=np.int64)
-        self.cls = np.array([f.get("cls", -1) for f in fields], dtype=np.int64)
+    first: np.ndarray
+    image: np.ndarray
+    cls: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.keys)
+
+def group_members(names: pa.StringArray, shard_of: np.ndarray, extensions: list[str]) -> Samples:
+    """WebDataset's grouping, vectorised (a million members take a second, not a minute): members with an
+    extension, consecutive ones with one key in one shard make a sample; its image member is the first of the
+    preferred extension present. Names without an extension, and WebDataset's own ``__`` files, are skipped."""
+    parts = pc.extract_regex(names, _KEY_FIELD)
+    usable = pc.and_(pc.is_valid(parts), pc.invert(pc.match_substring_regex(names, r"(^|/)__[^/]*$")))
+    usable = usable.fill_null(False).to_numpy(zero_copy_only=False)
+    members = np.flatnonzero(usable)
+    keys = pc.struct_field(parts, "key").filter(pa.array(usable))
+    fields = pc.utf8_lower(pc.struct_field(parts, "field").filter(pa.array(usable)))
+    new = np.ones(len(members), dtype=bool)
+    if len(members) > 1:
+        changed = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1)).to_numpy(zero_copy_only=False)
+        new[1:] = changed | (shard_of[members[1:]] != shard_of[members[:-1]])
+    sample_of = np.cumsum(new) - 1
+
+    def pick(wanted: list[str]) -> np.ndarray:
+        chosen = np.full(int(new.sum()), -1, dtype=np.int64)
+        for extension in reversed(wanted):  # the preferred one last, so it wins
+            hits = np.flatnonzero(pc.equal(fields, extension).to_numpy(zero_copy_only=False))
+            samples, first_hit = np.unique(sample_of[hits], return_index=True)  # a field twice: the first counts
+            chosen[samples] = members[hits[first_hit]]
+        return chosen
+
+    return Samples(members[new], pick(extensions), pick(["cls"]))
 
 
 @register
@@ -154,50 +169,59 @@ class WebDatasetPool(Pool):
         self.labels = labels
         self.source = name
         self.shards = resolve_files(shards or [], root, "tar shards", "**/*.tar")
-        members = map_files(ShardMembers.cached, self.shards, "indexing tar shards")  # a missing shard fails here
-        self.versions = [m.version for m in members]
-        samples = [ShardSamples(m, self.extensions) for m in members]
-        counts = np.array([len(s) for s in samples], dtype=np.int64)
-        if counts.sum() == 0:
+        shards = map_files(ShardMembers.cached, self.shards, "indexing tar shards")  # a missing shard fails here
+        self.versions = [m.version for m in shards]
+        self.names = pa.concat_arrays([m.names for m in shards])
+        self.member_shard = np.repeat(np.arange(len(shards), dtype=np.int32), [len(m.names) for m in shards])
+        self.member_offset = np.concatenate([m.offsets for m in shards])
+        self.member_size = np.concatenate([m.sizes for m in shards])
+        self.file_size = np.array([m.file_size for m in shards], dtype=np.int64)
+        self.samples = group_members(self.names, self.member_shard, self.extensions)
+        if not len(self.samples.first):
             raise UserError(f"no samples in {len(self.shards)} tar shard(s) ({self.shards[0].name}, ...): "
                             "check the shards option")
-        self.starts = np.concatenate([[0], np.cumsum(counts)])
-        self.shard_of = np.repeat(np.arange(len(samples), dtype=np.int32), counts)
-        self.keys_array = pa.array([k for s in samples for k in s.keys], pa.string())
-        self.fields = pa.array([",".join(f) for s in samples for f in s.fields], pa.string())
-        image = np.concatenate([s.image for s in samples])
-        cls = np.concatenate([s.cls for s in samples])
-        self.member_offset, self.member_size = _member_table(members, samples, image)
-        self.cls_offset, self.cls_size = _member_table(members, samples, cls)
-        self.file_size = np.array([m.file_size for m in members], dtype=np.int64)
         # the last sample of a truncated shard may have lost members to the cut: its errors say so
-        self.cut_short = np.zeros(len(self.shard_of), dtype=bool)
-        self.cut_short[[self.starts[n + 1] - 1 for n, m in enumerate(members) if m.truncated and counts[n]]] = True
+        shard = self.member_shard[self.samples.first]
+        last_of_shard = np.r_[shard[1:] != shard[:-1], True]
+        self.cut_short = last_of_shard & np.array([m.truncated for m in shards])[shard]
 
     def __len__(self) -> int:
-        return len(self.shard_of)
+        return len(self.samples.first)
 
     def key(self, index: int) -> str:
-        return f"{self.shards[self.shard_of[index]].basename}/{self.keys_array[index].as_py()}"
+        first = int(self.samples.first[index])
+        key = _KEY_FIELD_RE.match(self.names[first].as_py()).group(1)
+        return f"{self.shards[self.member_shard[first]].basename}/{key}"
 
     def read(self, index: int) -> tuple[np.ndarray, int | None]:
-        shard = int(self.shard_of[index])
-        if self.member_size[index] < 0 and self.cut_short[index]:
+        image, cls = int(self.samples.image[index]), int(self.samples.cls[index])
+        if image < 0 and self.cut_short[index]:
             raise SampleError("the tar is truncated: this sample's image member is cut off")
-        if self.member_size[index] < 0:
+        if image < 0:
             raise SampleError(f"no image member ({', '.join(self.extensions)}) in this sample; it has: "
-                              f"{self.fields[index].as_py() or 'nothing'}")
-        data = self._member(shard, int(self.member_offset[index]), int(self.member_size[index]))
+                              f"{', '.join(self._fields(index)) or 'nothing'}")
+        data = self._member(image)
         label = None
-        if self.labels and self.cls_size[index] >= 0:
-            text = self._member(shard, int(self.cls_offset[index]), int(self.cls_size[index]))
+        if self.labels and cls >= 0:
+            text = self._member(cls)
             try:
                 label = int(text.decode("ascii").strip())
             except (UnicodeDecodeError, ValueError):
                 raise SampleError(f"cls member is not an integer: {text[:40]!r}") from None
         return self.decode(data, self.key(index)), label
 
-    def _member(self, shard: int, offset: int, size: int) -> bytes:
+    def _fields(self, index: int) -> list[str]:
+        """The field names of sample ``index`` (for its error message)."""
+        first = int(self.samples.first[index])
+        stop = int(self.samples.first[index + 1]) if index + 1 < len(self) else len(self.names)
+        names = self.names.slice(first, stop - first).to_pylist()
+        key = _KEY_FIELD_RE.match(names[0]).group(1)
+        return [m.group(2) for n in names if (m := _KEY_FIELD_RE.match(n)) and m.group(1) == key]
+
+    def _member(self, number: int) -> bytes:
+        """The data of member ``number``, read from its shard (kept open: a reader in order reads on)."""
+        shard = int(self.member_shard[number])
+        offset, size = int(self.member_offset[number]), int(self.member_size[number])
         if offset + size > self.file_size[shard]:
             raise SampleError(f"the tar is truncated: this member ends at byte {offset + size:,} of "
                               f"{self.file_size[shard]:,}")
@@ -216,18 +240,3 @@ class WebDatasetPool(Pool):
         return {**super().describe(), "shards": len(self.shards), "first": self.shards[0].name,
                 "last": self.shards[-1].name, "image": self.extensions, "labels": self.labels,
                 "shards_version": digest(self.versions)}
-
-
-def _member_table(members: list[ShardMembers], samples: list[ShardSamples],
-                  chosen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Data offset and size of one member per sample (member numbers in ``chosen``, -1: none)."""
-    offsets = np.full(len(chosen), -1, dtype=np.int64)
-    sizes = np.full(len(chosen), -1, dtype=np.int64)
-    start = 0
-    for m, s in zip(members, samples):
-        numbers = chosen[start:start + len(s)]
-        present = numbers >= 0
-        offsets[start:start + len(s)][present] = m.offsets[numbers[present]]
-        sizes[start:start + len(s)][present] = m.sizes[numbers[present]]
-        start += len(s)
-    return offsets, sizes
