@@ -125,7 +125,8 @@ def to_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:
             array = array.transpose(2, 0, 1)
         else:
             raise SampleError(f"expected an HxW or HxWxC image, got shape {array.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        array = np.ascontiguousarray(array)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())  # PIL's arrays are read-only
     if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
         raise SampleError(f"expected 1 or 3 channels, got shape {tuple(tensor.shape)}")
     return tensor.contiguous()

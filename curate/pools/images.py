@@ -87,7 +87,7 @@ class Decoding:
 
     def __call__(self, image: Path | bytes, name: str | None = None) -> np.ndarray:
         decoded = open_image(image, self.max_side, parse_background(self.background), name)
-        return np.array(center_square(decoded) if self.square == "crop" else decoded)  # writable: torch takes it
+        return np.asarray(center_square(decoded) if self.square == "crop" else decoded)
 
 
 @register
