@@ -93,9 +93,14 @@ class Location:
         try:
             return fs.info(path)
         except FileNotFoundError:
-            raise UserError(f"{self.name} does not exist: fix the file list or pattern, or restore the file") from None
+            raise UserError(self._missing()) from None
         except OSError as err:
             raise UserError(f"cannot read {self.name}: {err}") from None
+
+    def _missing(self) -> str:
+        if is_url(self.name):  # fsspec's http reports an unreachable server as a missing file
+            return f"{self.name} cannot be read (no such file, or the server cannot be reached): check the URL"
+        return f"{self.name} does not exist: fix the file list or pattern, or restore the file"
 
     def version(self) -> str:
         """Size and modification time (or ETag): what changes when the file does. Keys cached indexes."""
@@ -109,7 +114,7 @@ class Location:
         try:
             return fs.open(path, "rb")
         except FileNotFoundError:
-            raise UserError(f"{self.name} does not exist: fix the file list or pattern, or restore the file") from None
+            raise UserError(self._missing()) from None
         except OSError as err:
             raise UserError(f"cannot read {self.name}: {err}") from None
 
