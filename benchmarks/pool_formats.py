@@ -9,7 +9,7 @@ SIGKILL at about half-way and resumed, whose files must equal the uninterrupted 
 The last line is ``ratio=<slowest crawl layout's rows/s / the .npy pool's>``.
 
     python benchmarks/pool_formats.py --crawl /tmp/crawl     # 1,000,000 images, built there if absent
-    python benchmarks/pool_formats.py --quick                # 20,000 images in a temporary folder, ~1 minute
+    python benchmarks/pool_formats.py --quick                # 10,000 images in a temporary folder, ~90 s
 """
 
 from __future__ import annotations
@@ -94,14 +94,14 @@ def kill_and_resume(teacher: Path, kind: str, root: Path, out: Path, whole: Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="20,000 images in a temporary folder")
+    parser.add_argument("--quick", action="store_true", help="10,000 images in a temporary folder")
     parser.add_argument("--crawl", type=Path, default=None, help="folder of the built pool (built if absent)")
-    parser.add_argument("--count", type=int, default=None, help="images (default 1,000,000; 20,000 with --quick)")
+    parser.add_argument("--count", type=int, default=None, help="images (default 1,000,000; 10,000 with --quick)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    count = args.count or (20_000 if args.quick else 1_000_000)
+    count = args.count or (10_000 if args.quick else 1_000_000)
     small = count // 10
-    shard_rows = 2048 if args.quick else 65536
+    shard_rows = 1024 if args.quick else 65536
     with tempfile.TemporaryDirectory(prefix="pool-formats-") as tmp:
         work = Path(tmp)
         crawl = args.crawl or work / "crawl"
