@@ -114,17 +114,31 @@ def test_sigkill_then_resume_gives_identical_files(scored: Path, teacher_path: P
     assert pq.read_table(out / "_errors.parquet").equals(pq.read_table(scored / "_errors.parquet"))
 
 
-def test_torchscript_teacher_scores_without_batchnorm_indicators(workdir: Path, teacher_path: Path) -> None:
+def test_checkpoint_torchscript_and_export_give_the_same_columns(workdir: Path, teacher_path: Path) -> None:
+    """The same teacher as a checkpoint, TorchScript and a torch.export program: every column, the embedding
+    and the BatchNorm indicators included, equal within float tolerance."""
     loaded = load_teacher(teacher_path)
-    scripted = save_model(loaded.model, loaded.meta, workdir / "scripted.pt", "torchscript")
-    out = workdir / "scripted-scored"
-    score_pool(ScoreConfig(teacher=scripted, pool="mnist5k", out=out, limit=300, shard_rows=300, batch_size=100,
-                           workers=0, reference_count=128))
-    table = read_scored(out)
-    assert table.num_rows == 300
-    assert np.isnan(table["ood_bn_mean"].to_numpy()).all()
-    assert np.isfinite(table["ood_cos_class"].to_numpy()).all() and np.isfinite(table["relatedness"].to_numpy()).all()
-    assert "embedding" in table.column_names
+    tables = {}
+    for fmt in ("checkpoint", "torchscript", "export"):
+        path = teacher_path if fmt == "checkpoint" else save_model(loaded.model, loaded.meta,
+                                                                   workdir / f"teacher-{fmt}.pt", fmt)
+        out = workdir / f"scored-{fmt}"
+        score_pool(ScoreConfig(teacher=path, pool="mnist5k", out=out, limit=300, shard_rows=300, batch_size=100,
+                               workers=0, reference_count=128))
+        tables[fmt] = read_scored(out)
+    reference = tables["checkpoint"]
+    assert np.isfinite(reference["ood_bn_mean"].to_numpy()).all() and "embedding" in reference.column_names
+    for fmt in ("torchscript", "export"):
+        table = tables[fmt]
+        assert table.column_names == reference.column_names, fmt
+        assert table["uid"].equals(reference["uid"]) and table["pred"].equals(reference["pred"]), fmt
+        for column in ("logits", "embedding"):
+            np.testing.assert_allclose(np.array(table[column].to_pylist(), dtype=np.float32),
+                                       np.array(reference[column].to_pylist(), dtype=np.float32),
+                                       rtol=1e-2, atol=2e-3, err_msg=f"{fmt} {column}")  # stored as float16
+        for column in ["confidence", "entropy", "feat_norm", "relatedness", *(f"ood_{n}" for n in INDICATORS)]:
+            np.testing.assert_allclose(table[column].to_numpy(), reference[column].to_numpy(), rtol=1e-4,
+                                       atol=1e-4, err_msg=f"{fmt} {column}")
 
 
 def test_unwritable_out_is_a_user_error(teacher_path: Path, tmp_path: Path) -> None:

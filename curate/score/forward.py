@@ -36,7 +36,7 @@ class ForwardPass:
         channels_last = channels_last and (compiled or channels_last_is_safe(self.model, device))
         if channels_last and not compiled:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.probe = TeacherProbe(self.model)
+        self.probe = TeacherProbe(self.model, torch.zeros(2, *teacher.spec.shape(), device=device))
         self.normalize = teacher.spec.normalize()
         self.device = device
         self.channels_last = channels_last

@@ -15,7 +15,11 @@ penultimate quantities during the same pass that produces the logits.
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -44,17 +48,44 @@ class BatchScores:
     indicators: dict[str, torch.Tensor]  # name -> N float32 (NaN where the teacher cannot provide it)
 
 
-class TeacherProbe:
-    """Wraps a teacher so one call returns logits plus every indicator.
+# The ops a BatchNorm layer becomes in an FX graph (``torch.export``, or TorchScript converted to it); the
+# input is argument 0, the running mean and variance arguments 3 and 4, in all of them.
+BATCHNORM_OPS = frozenset({torch.ops.aten.batch_norm.default,
+                           torch.ops.aten._native_batch_norm_legit_no_training.default,
+                           torch.ops.aten.native_batch_norm.default})
+LINEAR_OPS = frozenset({torch.ops.aten.linear.default})
 
-    Eager modules get hooks on each BatchNorm2d (its input) and on the final
-    linear layer (its input is the penultimate feature vector). Compiled
-    teachers without hooks (TorchScript, torch.export) still give the logit
-    family, and the penultimate family when they expose ``features`` and
-    ``classifier``.
+
+def batchnorm_deviation(x: torch.Tensor, running_mean: torch.Tensor,
+                        running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: how far its per-channel feature means and variances at one BatchNorm input fall from the
+    layer's running statistics (squared z of the means, squared log-ratio of the variances, channel-averaged)."""
+    x = x.float()
+    if x.shape[2] * x.shape[3] >= 256:
+        # Large maps: every other row and column estimates the per-channel moments well enough
+        # and halves the probe's share of the pass on memory-bound CPUs.
+        x = x[:, :, ::2, ::2]
+    # E[x^2] - E[x]^2 instead of torch.var_mean: Welford's pass is 5-15x slower on these shapes.
+    mean = x.mean((2, 3))
+    var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
+    running_var = running_var.float() + _EPS
+    mean_dev = ((mean - running_mean.float()).square() / running_var).mean(1)
+    var_dev = torch.log((var + _EPS) / running_var).square().mean(1)
+    return mean_dev, var_dev
+
+
+class TeacherProbe:
+    """Wraps a teacher so one call returns logits plus every indicator, whatever format it came in.
+
+    Eager modules get hooks on each BatchNorm2d (its input) and on the final linear layer (its input is the
+    penultimate feature vector). An exported program is a graph: it runs node by node (``GraphProbe``) and
+    the same two kinds of values are read off its BatchNorm and final linear nodes. A TorchScript module is
+    first converted to such a graph (``example`` gives the input shape to convert with); one that does not
+    convert keeps the logit family, and the penultimate family when it has ``features`` and ``classifier``.
+    The three formats of one model give the same columns and, within float tolerance, the same values.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, example: torch.Tensor | None = None) -> None:
         self.model = model
         self._bn_mean: torch.Tensor | None = None
         self._bn_var: torch.Tensor | None = None
@@ -62,43 +93,48 @@ class TeacherProbe:
         self._features: torch.Tensor | None = None
         self.classifier_weight: torch.Tensor | None = None
         self.split_forward = False
+        self.graph: GraphProbe | None = None
         self.hooks: list[torch.utils.hooks.RemovableHandle] = []
-        eager = not isinstance(model, torch.jit.ScriptModule) and not isinstance(model, torch.fx.GraphModule)
-        batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
-        self.batchnorm_layers = len(batchnorms) if eager else 0
-        if eager:
+        self.batchnorm_layers = 0
+        if isinstance(model, torch.jit.ScriptModule) and example is not None:
+            model = _converted(model, example) or model
+        if isinstance(model, torch.fx.GraphModule):
+            self.graph = GraphProbe(model, self._add_batchnorm, self._feature_input)
+            self.batchnorm_layers = self.graph.batchnorm_layers
+            self.classifier_weight = self.graph.classifier_weight
+        elif isinstance(model, torch.jit.ScriptModule):
+            if hasattr(model, "features") and hasattr(model, "classifier"):
+                self.split_forward = True
+                self.classifier_weight = model.classifier.weight
+        else:
+            batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
+            self.batchnorm_layers = len(batchnorms)
             self.hooks += [m.register_forward_pre_hook(self._bn_hook) for m in batchnorms]
             last_linear = _final_linear(model)
             if last_linear is not None:
                 self.classifier_weight = last_linear.weight
-                self.hooks.append(last_linear.register_forward_pre_hook(self._feature_hook))
-        elif hasattr(model, "features") and hasattr(model, "classifier"):
-            self.split_forward = True
-            self.classifier_weight = model.classifier.weight
+                self.hooks.append(last_linear.register_forward_pre_hook(
+                    lambda module, inputs: self._feature_input(inputs[0])))
 
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
-        x = inputs[0].float()
-        if x.shape[2] * x.shape[3] >= 256:
-            # Large maps: every other row and column estimates the per-channel moments well enough
-            # and halves the hooks' share of the pass on memory-bound CPUs.
-            x = x[:, :, ::2, ::2]
-        # E[x^2] - E[x]^2 instead of torch.var_mean: Welford's pass is 5-15x slower on these shapes.
-        mean = x.mean((2, 3))
-        var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
-        running_var = module.running_var.float() + _EPS
-        mean_dev = ((mean - module.running_mean.float()).square() / running_var).mean(1)
-        var_dev = torch.log((var + _EPS) / running_var).square().mean(1)
+        self._add_batchnorm(inputs[0], module.running_mean, module.running_var)
+
+    def _add_batchnorm(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+        mean_dev, var_dev = batchnorm_deviation(x, running_mean, running_var)
         self._bn_mean = mean_dev if self._bn_mean is None else self._bn_mean + mean_dev
         self._bn_var = var_dev if self._bn_var is None else self._bn_var + var_dev
         self._bn_layers += 1
 
-    def _feature_hook(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...]) -> None:
-        self._features = inputs[0]
+    def _feature_input(self, features: torch.Tensor) -> None:
+        self._features = features
 
     def __call__(self, x: torch.Tensor) -> BatchScores:
         self._bn_mean = self._bn_var = self._features = None
         self._bn_layers = 0
-        if self.split_forward:
+        if self.graph is not None:
+            logits = self.graph.logits(x)
+            features = self._features
+        elif self.split_forward:
             features = self.model.features(x)
             logits = self.model.classifier(features)
         else:
@@ -143,6 +179,60 @@ class TeacherProbe:
         for hook in self.hooks:
             hook.remove()
         self.hooks.clear()
+
+
+class GraphProbe(torch.fx.Interpreter):
+    """Runs an FX graph node by node and hands each BatchNorm node's input with its running statistics, and the
+    final linear node's input, to the probe's callbacks. The Python cost is per node and per batch (a few
+    microseconds each), next to nothing beside the convolutions."""
+
+    def __init__(self, module: torch.fx.GraphModule,
+                 on_batchnorm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None],
+                 on_features: Callable[[torch.Tensor], None]) -> None:
+        super().__init__(module)
+        nodes = [n for n in module.graph.nodes if n.op == "call_function"]
+        # layers whose running statistics are buffers of the module (not a BatchNorm in training mode)
+        self.batchnorms = {n for n in nodes if n.target in BATCHNORM_OPS
+                           and all(isinstance(a, torch.fx.Node) and a.op == "get_attr" for a in n.args[3:5])}
+        linears = [n for n in nodes if n.target in LINEAR_OPS]
+        self.final_linear = linears[-1] if linears else None
+        self.classifier_weight = None
+        if self.final_linear is not None and getattr(self.final_linear.args[1], "op", None) == "get_attr":
+            self.classifier_weight = self.fetch_attr(self.final_linear.args[1].target)
+        self.batchnorm_layers = len(self.batchnorms)
+        self.on_batchnorm, self.on_features = on_batchnorm, on_features
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.run(x)
+        # an exported module's graph returns its outputs flattened: a one-tensor model gives (logits,)
+        return out[0] if isinstance(out, (tuple, list)) and len(out) == 1 else out
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n in self.batchnorms:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.on_batchnorm(args[0], args[3], args[4])
+        elif n is self.final_linear:
+            args, _ = self.fetch_args_kwargs_from_env(n)
+            self.on_features(args[0])
+        return super().run_node(n)
+
+
+def _converted(model: torch.jit.ScriptModule, example: torch.Tensor) -> torch.fx.GraphModule | None:
+    """A TorchScript module as the graph of an exported program, or None where the (experimental) converter
+    cannot take it."""
+    from torch._export.converter import TS2EPConverter
+
+    logger = logging.getLogger("torch._export")  # logs each input dimension it specialises
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():  # it reports every unused buffer (num_batches_tracked) it carries over
+            warnings.simplefilter("ignore")
+            return TS2EPConverter(model, (example,)).convert().module()
+    except Exception:  # noqa: BLE001 - any converter failure leaves the scripted module as it is
+        return None
+    finally:
+        logger.setLevel(level)
 
 
 def _to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
