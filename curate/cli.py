@@ -47,7 +47,9 @@ def pools() -> None:
 
 @app.command()
 def score(
-    teacher: Annotated[Path, typer.Option(help="teacher file: checkpoint, TorchScript, .pt2, or pickled module")],
+    teacher: Annotated[Path, typer.Option(help="teacher file (checkpoint, TorchScript, .pt2, or pickled module), "
+                                               "or torchvision:NAME[:WEIGHTS] / timm:NAME with weights from the "
+                                               "library's cache or --teacher-weights")],
     pool: Annotated[str, typer.Option(help="KIND, KIND:SPLIT or a .toml mix spec (see `curate pools`)")],
     out: Annotated[Path, typer.Option(help="output folder for the scored shards")] = ScoreConfig.out,
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
@@ -55,6 +57,9 @@ def score(
                                                                             "(repeatable)")] = None,
     teacher_meta: Annotated[Path | None, typer.Option(help="JSON meta supplying or overriding "
                                                            "the teacher's input spec")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="state_dict (torch.save or safetensors) of a "
+                                                               "library teacher: --teacher torchvision:NAME or "
+                                                               "timm:NAME")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling "
                                                     "runs code from the file)")] = False,
     batch_size: Annotated[int, typer.Option(help="images per teacher call")] = ScoreConfig.batch_size,

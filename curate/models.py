@@ -18,6 +18,7 @@ from torchvision.models import MobileNetV2, ShuffleNetV2, resnet18
 from torchvision.ops import Conv2dNormActivation
 
 from curate.errors import UserError
+from curate.zoo import LibraryModel, is_library_name
 
 
 class Classifier(nn.Module):
@@ -190,10 +191,17 @@ MODELS: dict[str, Builder] = {
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 32,
-                width: float = 1.0) -> Classifier:
-    """Build architecture ``name``; ``width`` scales channel counts (0.5 gives a half-width student)."""
+                width: float = 1.0) -> nn.Module:
+    """Build architecture ``name``; ``width`` scales channel counts (0.5 gives a half-width student). A library
+    name (``torchvision:mobilenet_v3_small``, ``timm:resnet10t``) builds that library's model, randomly
+    initialised (curate/zoo.py)."""
+    if is_library_name(name):
+        if width != 1.0:
+            raise UserError(f"--width applies to this project's models, not to {name}: choose a smaller library model")
+        return LibraryModel.parse(name).build(num_classes)
     if name not in MODELS:
-        raise UserError(f"unknown architecture {name!r}: choose one of {', '.join(MODELS)}")
+        raise UserError(f"unknown architecture {name!r}: choose one of {', '.join(MODELS)}, or a library model "
+                        "such as torchvision:mobilenet_v3_small or timm:resnet10t")
     if num_classes < 2:
         raise UserError(f"num_classes must be at least 2, got {num_classes}")
     return MODELS[name](num_classes, in_channels, image_size, width)

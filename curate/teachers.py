@@ -31,6 +31,7 @@ from curate.atomic import check_writable, read_json_object, write_atomically
 from curate.errors import UserError
 from curate.models import build_model
 from curate.spec import InputSpec
+from curate.zoo import LibraryModel, is_library_name
 
 TeacherFormat = Literal["checkpoint", "torchscript", "export", "pickle"]
 FORMATS: tuple[str, ...] = ("checkpoint", "torchscript", "export", "pickle")
@@ -210,14 +211,28 @@ TEACHER_ONLY = Flags(meta=None, trust_pickle=None)  # commands whose --teacher c
 
 
 def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: dict[str, Any] | None = None,
-                 device: str | torch.device = "cpu", flags: Flags = SCORE_FLAGS) -> Teacher:
-    """Load a teacher file, merge ``meta_overrides`` into its meta, and check that its input spec works."""
+                 device: str | torch.device = "cpu", flags: Flags = SCORE_FLAGS,
+                 weights: Path | None = None) -> Teacher:
+    """Load a teacher file, or a library model by name (``torchvision:resnet50``, ``timm:NAME``; its weights
+    from ``weights`` or the library's cache), merge ``meta_overrides`` into its meta, and check that its input
+    spec works."""
+    name = str(path)
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"model file {path} not found: pass {flags.file} with the path of a trained model")
-    loaders = {"export": _load_export, "torchscript": _load_torchscript}
-    fmt = detect_format(path)
-    model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle, flags)
+    if is_library_name(name) and not path.exists():
+        library = LibraryModel.parse(name)
+        model, meta, path = library.pretrained(Path(weights) if weights is not None else None)
+        fmt, fingerprint = library.library, hashlib.sha256(f"{library}\0{file_fingerprint(path)}".encode()).hexdigest()
+    elif weights is not None:
+        raise UserError(f"--teacher-weights goes with a library teacher (torchvision:NAME or timm:NAME), not with "
+                        f"the model file {path}")
+    elif not path.is_file():
+        raise UserError(f"model file {path} not found: pass {flags.file} with the path of a trained model, or a "
+                        "library model such as torchvision:resnet50")
+    else:
+        loaders = {"export": _load_export, "torchscript": _load_torchscript}
+        fmt = detect_format(path)
+        model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle, flags)
+        fingerprint = file_fingerprint(path)
     meta = {**meta, **(meta_overrides or {})}
     if "num_classes" not in meta:
         raise UserError(f"{path}: meta lacks num_classes: {flags.supply_meta('num_classes')}")
@@ -230,7 +245,7 @@ def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: d
         model.eval()
     model = model.to(device)
     _check_input_spec(model, spec, int(meta["num_classes"]), path, device, flags)
-    return Teacher(model, meta, spec, file_fingerprint(path), path, fmt, class_names)
+    return Teacher(model, meta, spec, fingerprint, path, fmt, class_names)
 
 
 def _check_input_spec(model: nn.Module, spec: InputSpec, num_classes: int, path: Path,

@@ -134,11 +134,11 @@ def save_student(student: torch.nn.Module, cfg: DistillConfig, manifest: dict[st
     """``student.pt`` in --out, in the checkpoint format teachers use: the teacher's meta (task, classes, input
     spec) with the student's architecture, its distillation config and its last evaluated accuracy."""
     meta = {**{k: v for k, v in manifest["teacher"]["meta"].items() if k not in ("history", "config")},
-            "arch": cfg.student, "width": cfg.width, "distilled_from": manifest["teacher"]["fingerprint"],
+            "arch": cfg.student, "width": cfg.student_width, "distilled_from": manifest["teacher"]["fingerprint"],
             "distill_config": cfg.resolved(), "steps": steps}
     last_eval = next((r for r in reversed(history) if "eval_accuracy" in r), None)
     if last_eval is not None:
         meta["test_accuracy"] = last_eval["eval_accuracy"]
     student = student.to("cpu", memory_format=torch.contiguous_format)
     save_model(student, meta, cfg.out / "student.pt", "checkpoint", arch=cfg.student,
-               arch_options={"width": cfg.width})
+               arch_options={"width": cfg.student_width})

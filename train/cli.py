@@ -73,8 +73,10 @@ def distill(
     shards: Annotated[Path, typer.Option(help="curated shard folder (from curate export)")] = DistillConfig.shards,
     out: Annotated[Path, typer.Option(help="run folder: metrics.jsonl, curves.png, "
                                            "checkpoints, student.pt")] = DistillConfig.out,
-    student: Annotated[str, typer.Option(help=f"student architecture: {', '.join(MODELS)}")] = DistillConfig.student,
-    width: Annotated[float, typer.Option(help="student channel-width multiplier")] = DistillConfig.width,
+    student: Annotated[str, typer.Option(help=f"student architecture: {', '.join(MODELS)}; or torchvision:NAME, "
+                                              "timm:NAME (randomly initialised)")] = DistillConfig.student,
+    width: Annotated[float, typer.Option(help="student channel-width multiplier (this project's models; library "
+                                              "models come at their own size)")] = DistillConfig.width,
     teacher: Annotated[Path | None, typer.Option(help="run this teacher on every augmented view (online) "
                                                       "instead of using the stored logits")] = None,
     loss: Annotated[str, typer.Option(help="kd, soft-ce, js or mse")] = DistillConfig.loss,

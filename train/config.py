@@ -11,6 +11,7 @@ from typing import Any
 from curate.errors import UserError
 from curate.models import MODELS
 from curate.options import at_least, one_of, positive
+from curate.zoo import is_library_name
 from train.losses import LOSSES
 from train.optim import OPTIMIZERS
 
@@ -63,12 +64,19 @@ class DistillConfig:
     compile: bool = False
     seed: int = 0
 
+    @property
+    def student_width(self) -> float:
+        """The width the student is built at: --width for this project's models; library models (torchvision,
+        timm) come at their own size."""
+        return 1.0 if is_library_name(self.student) else self.width
+
     def __post_init__(self) -> None:
         one_of(LOSSES, loss=self.loss)
         one_of(WEIGHT_USES, weighting=self.weighting)
         one_of(OPTIMIZERS, optimizer=self.optimizer)
-        if self.student not in MODELS:
-            raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}")
+        if self.student not in MODELS and not is_library_name(self.student):
+            raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}, or a "
+                            "library model such as torchvision:mobilenet_v3_small or timm:resnet10t")
         for name in ("mixup", "cutmix", "boundary_views"):
             if getattr(self, name) > 0 and self.teacher is None:
                 raise UserError(f"--{name.replace('_', '-')} needs --teacher: new images need fresh teacher targets")

@@ -53,7 +53,7 @@ from train.shards import EpochPlan, ReaderState, ShardBatches, held_out_rows, re
 
 def build_student(cfg: DistillConfig, shards: CuratedShards) -> torch.nn.Module:
     channels, size, _ = shards.image_shape
-    return build_model(cfg.student, shards.num_classes, channels, size, cfg.width)
+    return build_model(cfg.student, shards.num_classes, channels, size, cfg.student_width)
 
 
 def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.device) -> Teacher | None:

@@ -145,10 +145,10 @@ def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndar
     from curate.score.forward import ForwardPass
     from curate.teachers import TEACHER_ONLY, load_teacher
 
-    teacher_path = Path(scored.manifest.get("teacher", {}).get("path", ""))
-    if not teacher_path.is_file() or not len(images):
+    teacher_path, weights = scored.teacher_source()
+    if not (weights or teacher_path).is_file() or not len(images):
         return  # the teacher moved: nothing to compare with (uids and pool size were still checked)
-    teacher = load_teacher(teacher_path, flags=TEACHER_ONLY)
+    teacher = load_teacher(teacher_path, flags=TEACHER_ONLY, weights=weights)
     if teacher.fingerprint != scored.fingerprint:
         return
     forward = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)

@@ -83,6 +83,12 @@ class ScoredPool:
     def teacher_meta(self) -> dict[str, Any]:
         return self.manifest["identity"]["teacher"]["meta"]
 
+    def teacher_source(self) -> tuple[Path, Path | None]:
+        """What scored this pool, to load it again: its model file, or its library name and weights file."""
+        teacher = self.manifest.get("teacher", {})
+        weights = teacher.get("weights")
+        return Path(teacher.get("path", "")), Path(weights) if weights else None
+
     @property
     def class_names(self) -> list[str]:
         meta = self.teacher_meta

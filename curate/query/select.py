@@ -259,7 +259,9 @@ class Selector:
                 (PARTITION BY pred ORDER BY ({self.cfg.by})::DOUBLE DESC, uid) <= 64""", "prototypes")
             preds, vectors = table["pred"].to_numpy(), embeddings_of(table)
             return np.stack([vectors[preds == c].mean(0) for c in np.unique(preds)])
-        return embed_seed_images(self.cfg.seeds, self.cfg.teacher or Path(self.scored.manifest["teacher"]["path"]))
+        if self.cfg.teacher is not None:
+            return embed_seed_images(self.cfg.seeds, self.cfg.teacher)
+        return embed_seed_images(self.cfg.seeds, *self.scored.teacher_source())
 
     def take(self, ranked: str) -> tuple[pa.Table, int]:
         """The first ``budget`` rows by priority; with dedup, walk the ranking dropping near-duplicates."""
@@ -353,18 +355,18 @@ def _counts(table: pa.Table, column: str) -> dict[str, int]:
     return {str(item["values"]): int(item["counts"]) for item in counted.to_pylist()}
 
 
-def embed_seed_images(folder: Path, teacher_path: Path) -> np.ndarray:
+def embed_seed_images(folder: Path, teacher_path: Path, weights: Path | None = None) -> np.ndarray:
     """Penultimate embeddings of the images in ``folder``, by the teacher that scored the pool."""
     from curate.pools import open_pool
     from curate.pools.images import list_images
     from curate.score.forward import score_samples
     from curate.teachers import TEACHER_ONLY, load_teacher
 
-    if not Path(teacher_path).exists():
-        raise UserError(f"the teacher {teacher_path} is gone: pass --teacher to embed the --seeds images")
+    if not (weights or Path(teacher_path)).exists():
+        raise UserError(f"the teacher {weights or teacher_path} is gone: pass --teacher to embed the --seeds images")
     if not Path(folder).is_dir() or not list_images(Path(folder)):
         raise UserError(f"no JPEG/PNG/WebP images in {folder}: give --seeds a folder of seed images")
-    teacher = load_teacher(Path(teacher_path), flags=TEACHER_ONLY)
+    teacher = load_teacher(Path(teacher_path), flags=TEACHER_ONLY, weights=weights)
     pool = open_pool("folder", Path(folder), {})
     _, scores = score_samples(teacher, pool)
     if scores is None:

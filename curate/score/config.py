@@ -16,6 +16,7 @@ class ScoreConfig:
     root: Path | None = None
     pool_options: dict = field(default_factory=dict)
     teacher_meta: Path | None = None
+    teacher_weights: Path | None = None  # a state_dict for a library teacher (torchvision:NAME, timm:NAME)
     trust_pickle: bool = False
     batch_size: int = 256
     workers: int | None = None  # None: none for array-backed pools, one per core for decoded ones

@@ -26,6 +26,7 @@ from curate.score.reference import Reference
 from curate.score.schema import scored_schema
 from curate.score.writer import write_scored
 from curate.teachers import Teacher, load_teacher, read_meta_file
+from curate.zoo import is_library_name
 
 
 @dataclass
@@ -43,7 +44,8 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
     started = time.perf_counter()
     executor = make_executor(cfg)  # before any work: a missing Ray or an unreachable cluster fails in seconds
     device = pick_device(cfg.device)
-    teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device)
+    teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device,
+                           weights=cfg.teacher_weights)
     pool = open_pool(cfg.pool, cfg.root, cfg.pool_options)
     rows = len(pool) if cfg.limit is None else min(cfg.limit, len(pool))
     if rows == 0:
@@ -69,6 +71,7 @@ def score_pool(cfg: ScoreConfig) -> ScoreSummary:
             reference = score_reference(forward, teacher, cfg.reference_count, cfg.seed, cfg.batch_size)
             output.record_reference(reference.to_json(), {
                 "path": str(cfg.teacher), "format": teacher.format, "batchnorm_layers": forward.probe.batchnorm_layers,
+                "weights": str(teacher.path) if is_library_name(str(cfg.teacher)) else None,
                 "indicators": reference.available(), "relatedness": reference.relatedness_terms()})
         reference = Reference.from_json(output.reference)
 

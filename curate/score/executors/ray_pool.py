@@ -96,7 +96,8 @@ class BatchActor:
 
     def __init__(self, cfg: ScoreConfig, fingerprint: str, reference: dict, schema: pa.Schema) -> None:
         device = pick_device(cfg.device)
-        teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device)
+        teacher = load_teacher(cfg.teacher, cfg.trust_pickle, read_meta_file(cfg.teacher_meta), device,
+                               weights=cfg.teacher_weights)
         if teacher.fingerprint != fingerprint:
             raise UserError(f"{cfg.teacher} on a Ray worker is not the driver's teacher: put the same file at the "
                             "same path on every node")

@@ -1,0 +1,127 @@
+"""Teachers and students as users have them: torchvision and timm models by name, saved the ways users save them
+(a state_dict, TorchScript), scored on real photos and distilled into, with nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from curate.errors import UserError
+from curate.pools import open_pool, read_batch
+from curate.score.config import ScoreConfig
+from curate.score.runner import score_pool
+from curate.teachers import load_teacher, save_model
+from tests.conftest import PHOTO
+
+timm = pytest.importorskip("timm")
+
+# tiny random-init models: the architecture is the library's, the size keeps the test fast
+MODELS = {"torchvision:resnet18": lambda: __import__("torchvision").models.resnet18(num_classes=10),
+          "timm:resnet10t": lambda: timm.create_model("resnet10t", num_classes=10)}
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Crops of a real photograph at 64 to 224 pixels, and matplotlib's other sample images."""
+    folder = tmp_path_factory.mktemp("photos")
+    photo = Image.open(PHOTO).convert("RGB")
+    for i, side in enumerate((64, 96, 160, 224, 300, 200)):
+        left, top = (37 * i) % (photo.width - side), (53 * i) % (photo.height - side)
+        photo.crop((left, top, left + side, top + side)).save(folder / f"crop{i}.jpg")
+    for name in ("Minduka_Present_Blue_Pack.png", "logo2.png"):
+        Image.open(PHOTO.parent / name).save(folder / name)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _empty_model_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No weights in any cache: a test that needs a download fails instead of reaching out."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_library_teacher_from_a_state_dict_scores_real_photos(name: str, photos: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MODELS[name]()
+    _settle_batchnorm(model)
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"image_size": 64}))
+    out = tmp_path / "scored"
+    score_pool(ScoreConfig(teacher=Path(name), teacher_weights=weights, teacher_meta=meta, pool="folder",
+                           root=photos, out=out, batch_size=4, workers=0, reference_count=64))
+    table = pq.read_table(out)
+    assert table.num_rows == 8
+    assert np.isfinite(table["ood_bn_mean"].to_numpy()).all() and np.isfinite(table["relatedness"].to_numpy()).all()
+    assert table.schema.field("embedding").type.list_size == model.state_dict()[_classifier_key(model)].shape[1]
+
+    teacher = load_teacher(name, weights=weights, meta_overrides={"image_size": 64})
+    assert teacher.spec.mean == pytest.approx((0.485, 0.456, 0.406))  # the library's own normalisation
+    batch = read_batch(open_pool("folder", photos), range(8), teacher.spec.geometry())
+    with torch.inference_mode():
+        expected = model.eval()(teacher.spec.normalize()(batch.images))  # the library model's own forward
+    np.testing.assert_allclose(np.array(table["logits"].to_pylist(), dtype=np.float32), expected.numpy(),
+                               rtol=1e-2, atol=2e-3)  # stored as float16
+
+    scripted = save_model(teacher.model, teacher.meta, tmp_path / "scripted.pt", "torchscript")
+    out = tmp_path / "scored-scripted"
+    score_pool(ScoreConfig(teacher=scripted, pool="folder", root=photos, out=out, batch_size=4, workers=0,
+                           reference_count=64))
+    again = pq.read_table(out)
+    for column in ("relatedness", "ood_bn_mean", "ood_cos_class"):
+        np.testing.assert_allclose(again[column].to_numpy(), table[column].to_numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _settle_batchnorm(model: torch.nn.Module) -> None:
+    """Running statistics from a few forward passes, as a trained model has (fresh ones are 0 and 1)."""
+    model.train()
+    with torch.no_grad():
+        for _ in range(2):
+            model(torch.rand(8, 3, 64, 64))
+    model.eval()
+
+
+def _classifier_key(model: torch.nn.Module) -> str:
+    return [k for k, v in model.state_dict().items() if k.endswith("weight") and v.ndim == 2][-1]
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "timm:resnet10t"])
+def test_library_teacher_without_weights_fails_in_one_line_saying_where(name: str) -> None:
+    with pytest.raises(UserError, match="--teacher-weights") as error:
+        load_teacher(name)
+    assert "\n" not in str(error.value)
+    if name.startswith("torchvision"):
+        assert "resnet18-f37072fd.pth" in str(error.value)
+
+
+def test_bad_library_names_are_user_errors(tmp_path: Path) -> None:
+    for name, message in (("torchvision:resnet999", "no classification model"), ("timm:not_a_net", "no model"),
+                          ("torchvision:resnet18:NOPE", "no weights NOPE")):
+        with pytest.raises(UserError, match=message):
+            load_teacher(name, weights=tmp_path / "w.pt") if "NOPE" not in name else load_teacher(name)
+    not_weights = tmp_path / "w.pt"
+    torch.save({"a": 1}, not_weights)
+    with pytest.raises(UserError, match="does not hold a state_dict"):
+        load_teacher("torchvision:resnet18", weights=not_weights)
+
+
+@pytest.mark.parametrize("student", ["torchvision:mobilenet_v3_small", "timm:resnet10t"])
+def test_library_students_distil_from_curated_shards(student: str, selected: Path, tmp_path: Path) -> None:
+    from train.config import DistillConfig
+    from train.distill import distill
+
+    result = distill(DistillConfig(shards=selected, out=tmp_path / "run", student=student, steps=3, batch_size=16,
+                                   workers=0, device="cpu", log_every=1))
+    assert result["steps"] == 3 and (tmp_path / "run" / "student.pt").is_file()
+    loaded = load_teacher(tmp_path / "run" / "student.pt")  # saved in the checkpoint layout, arch by name
+    assert loaded.meta["arch"] == student
+    assert loaded.model(torch.zeros(2, *loaded.spec.shape())).shape == (2, 10)
