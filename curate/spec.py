@@ -9,17 +9,29 @@ from torchvision.transforms import v2
 
 from curate.errors import UserError
 
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
 
 @dataclass(frozen=True)
 class InputSpec:
-    """Channels, square size and per-channel mean/std (in [0, 1] units) of a model's input."""
+    """Channels, square size and per-channel mean/std (in [0, 1] units) of a model's input; with
+    ``resize_size``, the evaluation transform of ImageNet-size models: the shorter side resized to it, then the
+    centre ``image_size`` square cropped (crop fraction ``image_size / resize_size``), with ``interpolation``."""
 
     in_channels: int
     image_size: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    resize_size: int | None = None
+    interpolation: str = "bilinear"
 
     def __post_init__(self) -> None:
+        if self.interpolation not in INTERPOLATIONS:
+            raise UserError(f"interpolation {self.interpolation!r} is not one of {', '.join(INTERPOLATIONS)}: fix "
+                            "the teacher's meta")
+        if self.resize_size is not None and self.resize_size < self.image_size:
+            raise UserError(f"resize_size {self.resize_size} is smaller than image_size {self.image_size}: the centre "
+                            "crop must fit inside the resized image; fix the teacher's meta")
         if self.in_channels not in (1, 3):
             raise UserError(f"in_channels must be 1 or 3, got {self.in_channels}: fix the teacher's meta")
         if self.image_size < 4:
@@ -40,27 +52,35 @@ class InputSpec:
             raise UserError(
                 f"teacher meta lacks {', '.join(missing)}: supply them with --teacher-meta meta.json"
             )
+        resize = meta.get("resize_size")
+        if resize is None and meta.get("crop_pct") is not None:  # timm's way of saying it
+            resize = int(int(meta["image_size"]) / float(meta["crop_pct"]))
         return cls(
             in_channels=int(meta["in_channels"]),
             image_size=int(meta["image_size"]),
             mean=tuple(float(v) for v in meta["mean"]),
             std=tuple(float(v) for v in meta["std"]),
+            resize_size=None if resize is None else int(resize),
+            interpolation=str(meta.get("interpolation", "bilinear")),
         )
 
     def to_meta(self) -> dict:
-        return {
+        meta = {
             "in_channels": self.in_channels,
             "image_size": self.image_size,
             "mean": list(self.mean),
             "std": list(self.std),
         }
+        if self.resize_size is not None:
+            meta |= {"resize_size": self.resize_size, "interpolation": self.interpolation}
+        return meta
 
     def shape(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
 
     def geometry(self) -> Geometry:
         """uint8 CHW image (or NCHW batch) of any channel count and size -> uint8 image(s) of this spec's shape."""
-        return Geometry(self.in_channels, self.image_size)
+        return Geometry(self.in_channels, self.image_size, self.resize_size, self.interpolation)
 
     def normalize(self) -> Normalize:
         """Per batch (or sample): uint8 images of this spec's shape -> the normalised float32 input the model takes."""
@@ -88,19 +108,26 @@ class Normalize:
 
 
 class Geometry:
-    """Channel conversion and square resize with torchvision; a no-op (no copy) when the image already fits.
+    """Channel conversion and resize with torchvision: to the square size, or (``resize_size``) the shorter side
+    to ``resize_size`` and the centre square cropped; a no-op (no copy) when the image already fits.
 
     The shortcut matters: most pools are already at the model's size, and v2
     transforms cost tens of microseconds each even when they change nothing.
     """
 
-    def __init__(self, in_channels: int, image_size: int) -> None:
+    def __init__(self, in_channels: int, image_size: int, resize_size: int | None = None,
+                 interpolation: str = "bilinear") -> None:
         self.shape = (in_channels, image_size, image_size)
         channels: v2.Transform = v2.Grayscale(1) if in_channels == 1 else v2.RGB()
-        self.convert = v2.Compose([channels, v2.Resize((image_size, image_size), antialias=True)])
+        mode = v2.InterpolationMode(interpolation)
+        size: v2.Transform = v2.Resize((image_size, image_size), mode, antialias=True) if resize_size is None else \
+            v2.Compose([v2.Resize(resize_size, mode, antialias=True), v2.CenterCrop(image_size)])
+        self.convert = v2.Compose([channels, size])
+        # an image already at the crop size still goes through the resize-then-crop of an evaluation transform
+        self.fits = self.shape if resize_size is None else None
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """One CHW image or an NCHW batch (whose images all share a size)."""
-        if tuple(image.shape[-3:]) == self.shape:
+        if tuple(image.shape[-3:]) == self.fits:
             return image
         return self.convert(image)

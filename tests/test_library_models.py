@@ -125,3 +125,25 @@ def test_library_students_distil_from_curated_shards(student: str, selected: Pat
     loaded = load_teacher(tmp_path / "run" / "student.pt")  # saved in the checkpoint layout, arch by name
     assert loaded.meta["arch"] == student
     assert loaded.model(torch.zeros(2, *loaded.spec.shape())).shape == (2, 10)
+
+
+def test_imagenet_size_inputs_match_the_libraries_evaluation_transform(photos: Path) -> None:
+    """Photos of 64 to 300 pixels read at a torchvision teacher's spec (shorter side to 256, centre 224, from its
+    weights' metadata) give the pixels of torchvision's own evaluation transform, within resampling noise."""
+    import torchvision
+
+    from curate.spec import InputSpec
+    from curate.zoo import LibraryModel
+
+    spec = InputSpec.from_meta(LibraryModel.parse("torchvision:resnet18").meta(1000))
+    assert (spec.image_size, spec.resize_size, spec.interpolation) == (224, 256, "bilinear")
+    reference = torchvision.models.ResNet18_Weights.DEFAULT.transforms()
+    pool = open_pool("folder", photos)
+    crops = [i for i in range(len(pool)) if pool.key(i).endswith(".jpg")]
+    batch = read_batch(pool, crops, spec.geometry())
+    ours = spec.normalize()(batch.images)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    for k, key in enumerate(batch.keys):
+        expected = reference(Image.open(photos / key).convert("RGB"))
+        difference = ((expected - ours[k]) * std).abs()  # in [0, 1] units
+        assert difference.mean() < 0.01 and difference.quantile(0.99) < 0.06, key

@@ -23,8 +23,9 @@ def list_images(folder: Path) -> list[Path]:
 
 
 def open_image(image: Path | bytes, max_side: int, background: tuple[int, int, int] = (0, 0, 0),
-               name: str | None = None) -> Image.Image:
-    """Decode an image file (or its bytes, called ``name`` in errors) no larger than ``max_side``: grey files to
+               name: str | None = None, shorter_side: bool = False) -> Image.Image:
+    """Decode an image file (or its bytes, called ``name`` in errors) no larger than ``max_side`` (its longer
+    side; with ``shorter_side``, its shorter side, which is what survives a centre crop): grey files to
     one channel (L), everything else to RGB, transparency flattened onto ``background``. Grey stays grey
     because the round trip through RGB is not exact: torchvision's RGB -> grey weights sum to 0.9999 and
     truncate, which darkened about half the grey levels by one for a one-channel teacher."""
@@ -33,7 +34,12 @@ def open_image(image: Path | bytes, max_side: int, background: tuple[int, int, i
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
             # JPEG decodes at 1/2, 1/4, 1/8 scale when that suffices
             im.draft("L" if im.mode == "L" else "RGB", (max_side, max_side))
-            im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            if not shorter_side:
+                im.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
+            elif min(im.size) > max_side:
+                scale = max_side / min(im.size)
+                size = (max(max_side, round(im.width * scale)), max(max_side, round(im.height * scale)))
+                im = im.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
             if im.mode in ("L", "1"):
                 return im.convert("L")
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -67,7 +73,8 @@ def parse_background(value: str) -> tuple[int, int, int]:
 DECODING_OPTIONS = {
     "square": "crop | stretch: how non-square images become square (default crop, the centre)",
     "background": "black | white: what transparent pixels become (default black)",
-    "max_side": "decode large files down to about this many pixels (default 256)",
+    "max_side": "decode large files down to about this many pixels on their shorter side (default 256; ImageNet-"
+                "size teachers resize to 232-256 before their centre crop)",
 }
 
 
@@ -86,7 +93,7 @@ class Decoding:
         parse_background(self.background)
 
     def __call__(self, image: Path | bytes, name: str | None = None) -> np.ndarray:
-        decoded = open_image(image, self.max_side, parse_background(self.background), name)
+        decoded = open_image(image, self.max_side, parse_background(self.background), name, shorter_side=True)
         return np.asarray(center_square(decoded) if self.square == "crop" else decoded)
 
 
