@@ -147,3 +147,31 @@ def test_imagenet_size_inputs_match_the_libraries_evaluation_transform(photos: P
         expected = reference(Image.open(photos / key).convert("RGB"))
         difference = ((expected - ours[k]) * std).abs()  # in [0, 1] units
         assert difference.mean() < 0.01 and difference.quantile(0.99) < 0.06, key
+
+
+def test_a_library_teacher_labels_views_online_during_distillation(photos: Path, tmp_path: Path) -> None:
+    from curate.query.export import ExportConfig, export_selection
+    from curate.query.select import SelectConfig, Selector
+    from train.config import DistillConfig
+    from train.distill import distill
+
+    torch.manual_seed(0)
+    weights = tmp_path / "weights.pt"
+    torch.save(MODELS["torchvision:resnet18"]().state_dict(), weights)
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"image_size": 32, "resize_size": 36}))
+    scored = tmp_path / "scored"
+    score_pool(ScoreConfig(teacher=Path("torchvision:resnet18"), teacher_weights=weights, teacher_meta=meta,
+                           pool="patches", root=photos, pool_options={"count": 64, "size": 48}, out=scored,
+                           batch_size=32, workers=0, reference_count=64))
+    Selector(SelectConfig(scored=scored, strategy="topk", budget=48, out=tmp_path / "sel.parquet")).run()
+    export_selection(ExportConfig(scored=scored, selection=tmp_path / "sel.parquet", out=tmp_path / "selected",
+                                  shard_rows=16, row_group_rows=16))
+    common = dict(shards=tmp_path / "selected", student="resnet8", steps=2, batch_size=16, workers=0, device="cpu",
+                  teacher=Path("torchvision:resnet18"))
+    result = distill(DistillConfig(**common, out=tmp_path / "run", teacher_weights=weights, cutmix=1.0))
+    assert result["steps"] == 2
+    other = tmp_path / "other.pt"
+    torch.save(MODELS["torchvision:resnet18"]().state_dict(), other)  # same architecture, other weights
+    with pytest.raises(UserError, match="not the teacher that scored these shards"):
+        distill(DistillConfig(**common, out=tmp_path / "run2", teacher_weights=other))

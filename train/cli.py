@@ -78,7 +78,10 @@ def distill(
     width: Annotated[float, typer.Option(help="student channel-width multiplier (this project's models; library "
                                               "models come at their own size)")] = DistillConfig.width,
     teacher: Annotated[Path | None, typer.Option(help="run this teacher on every augmented view (online) "
-                                                      "instead of using the stored logits")] = None,
+                                                      "instead of using the stored logits: the file, or the "
+                                                      "library name, that scored the pool")] = None,
+    teacher_weights: Annotated[Path | None, typer.Option(help="state_dict of a library --teacher (as given to "
+                                                              "curate score)")] = None,
     loss: Annotated[str, typer.Option(help="kd, soft-ce, js or mse")] = DistillConfig.loss,
     temperature: Annotated[float, typer.Option(
         help="softmax temperature of kd/soft-ce/js")] = DistillConfig.temperature,

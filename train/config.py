@@ -28,6 +28,7 @@ class DistillConfig:
     student: str = "resnet8"
     width: float = 0.5
     teacher: Path | None = None  # online: the teacher labels every augmented view
+    teacher_weights: Path | None = None  # the state_dict of a library teacher (torchvision:NAME, timm:NAME)
     loss: str = "kd"
     temperature: float = 4.0
     hard_weight: float = 0.0

@@ -59,7 +59,7 @@ def build_student(cfg: DistillConfig, shards: CuratedShards) -> torch.nn.Module:
 def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.device) -> Teacher | None:
     if cfg.teacher is None:
         return None
-    teacher = load_teacher(cfg.teacher, device=device, flags=TEACHER_ONLY)
+    teacher = load_teacher(cfg.teacher, device=device, flags=TEACHER_ONLY, weights=cfg.teacher_weights)
     if teacher.fingerprint != shards.manifest["teacher"]["fingerprint"]:
         raise UserError(f"{cfg.teacher} is not the teacher that scored these shards: pass the same teacher file")
     teacher.model.eval()
