@@ -87,6 +87,16 @@ class InputSpec:
         return Normalize(self.mean, self.std)
 
 
+def merge_meta(base: dict, overrides: dict) -> dict:
+    """``overrides`` over ``base``; an ``image_size`` given without ``resize_size`` keeps the base's crop fraction
+    (a 224 model with resize 256 asked to run at 64 resizes to 73, not to 256 before a 64-pixel centre crop)."""
+    merged = {**base, **overrides}
+    if "image_size" in overrides and "resize_size" not in overrides and base.get("resize_size") and \
+            base.get("image_size"):
+        merged["resize_size"] = round(int(overrides["image_size"]) * base["resize_size"] / base["image_size"])
+    return merged
+
+
 class Normalize:
     """uint8 -> float32 in [0, 1] -> (x - mean) / std per channel: the arithmetic of torchvision's
     ``ToDtype(float32, scale=True)`` and ``Normalize`` (bit for bit), in place on one new tensor. The composed

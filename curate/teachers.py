@@ -30,7 +30,7 @@ import torch.nn as nn
 from curate.atomic import check_writable, read_json_object, write_atomically
 from curate.errors import UserError
 from curate.models import build_model
-from curate.spec import InputSpec
+from curate.spec import InputSpec, merge_meta
 from curate.zoo import LibraryModel, is_library_name
 
 TeacherFormat = Literal["checkpoint", "torchscript", "export", "pickle"]
@@ -154,6 +154,11 @@ def _load_checkpoint(path: Path, trust_pickle: bool, flags: Flags) -> tuple[nn.M
             "save it with curate.teachers.save_model, torch.jit.save or torch.export.save"
         )
     meta = dict(blob.get("meta") or {})
+    arch = str(blob["arch"])
+    if is_library_name(arch) and not any(k.startswith("model.") for k in blob["state_dict"]):
+        # the library model's own state_dict, as a user writes it: its meta fills what the checkpoint's lacks
+        model, library_meta, _ = LibraryModel.parse(arch).pretrained(state=blob["state_dict"], source=path)
+        return model, merge_meta(library_meta, meta), "checkpoint"
     if "num_classes" not in meta or "in_channels" not in meta:
         raise UserError(f"{path}: checkpoint meta lacks num_classes or in_channels: "
                         f"{flags.supply_meta('num_classes and in_channels')}")
@@ -233,7 +238,7 @@ def load_teacher(path: Path | str, trust_pickle: bool = False, meta_overrides: d
         fmt = detect_format(path)
         model, meta, fmt = loaders[fmt](path) if fmt in loaders else _load_checkpoint(path, trust_pickle, flags)
         fingerprint = file_fingerprint(path)
-    meta = {**meta, **(meta_overrides or {})}
+    meta = merge_meta(meta, meta_overrides or {})
     if "num_classes" not in meta:
         raise UserError(f"{path}: meta lacks num_classes: {flags.supply_meta('num_classes')}")
     spec = InputSpec.from_meta(meta)

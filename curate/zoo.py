@@ -104,12 +104,15 @@ class LibraryModel:
             model = _timm().create_model(self.name, pretrained=False, num_classes=num_classes)
         return LibraryClassifier(model)
 
-    def pretrained(self, weights_file: Path | None = None) -> tuple[LibraryClassifier, dict[str, Any], Path]:
-        """The model with its weights (from ``weights_file``, else from the library's cache), its meta, and the
-        file the weights came from."""
-        state = _read_state(weights_file) if weights_file is not None else None
-        path = weights_file if weights_file is not None else self._cached_weights()
-        state = state if state is not None else _read_state(path)
+    def pretrained(self, weights_file: Path | None = None, state: dict[str, torch.Tensor] | None = None,
+                   source: Path | None = None) -> tuple[LibraryClassifier, dict[str, Any], Path]:
+        """The model with its weights (``state`` read from ``source``, else from ``weights_file``, else from the
+        library's cache), its meta, and the file the weights came from."""
+        if state is not None:
+            path = Path(source or "state_dict")
+        else:
+            path = weights_file if weights_file is not None else self._cached_weights()
+            state = _read_state(path)
         num_classes = _classes_in(state, path)
         if self.library == "torchvision":
             import torchvision.models as tvm

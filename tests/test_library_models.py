@@ -175,3 +175,18 @@ def test_a_library_teacher_labels_views_online_during_distillation(photos: Path,
     torch.save(MODELS["torchvision:resnet18"]().state_dict(), other)  # same architecture, other weights
     with pytest.raises(UserError, match="not the teacher that scored these shards"):
         distill(DistillConfig(**common, out=tmp_path / "run2", teacher_weights=other))
+
+
+def test_a_checkpoint_may_name_a_library_architecture_with_its_own_state_dict(tmp_path: Path) -> None:
+    """``{"arch": "torchvision:resnet18", "state_dict": <the library model's>, "meta": ...}`` loads, its meta
+    completed from the library's."""
+    torch.manual_seed(0)
+    model = MODELS["torchvision:resnet18"]().eval()
+    path = tmp_path / "teacher.pt"
+    torch.save({"arch": "torchvision:resnet18", "state_dict": model.state_dict(), "meta": {"image_size": 64}}, path)
+    teacher = load_teacher(path)
+    assert (teacher.num_classes, teacher.spec.image_size, teacher.spec.in_channels) == (10, 64, 3)
+    assert teacher.spec.resize_size == 73  # the library's crop fraction (224 of 256) kept at 64 pixels
+    x = torch.rand(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(teacher.model(x), model(x), atol=1e-5)
