@@ -16,7 +16,7 @@ from curate.errors import UserError
 from curate.pools import open_pool, read_batch
 from curate.score.config import ScoreConfig
 from curate.score.runner import score_pool
-from curate.teachers import load_teacher, save_model
+from curate.teachers import load_teacher
 from tests.conftest import PHOTO
 
 timm = pytest.importorskip("timm")
@@ -47,6 +47,7 @@ def _empty_model_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # TorchScript is deprecated, still handed to us
 @pytest.mark.parametrize("name", list(MODELS))
 def test_library_teacher_from_a_state_dict_scores_real_photos(name: str, photos: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
@@ -72,12 +73,19 @@ def test_library_teacher_from_a_state_dict_scores_real_photos(name: str, photos:
     np.testing.assert_allclose(np.array(table["logits"].to_pylist(), dtype=np.float32), expected.numpy(),
                                rtol=1e-2, atol=2e-3)  # stored as float16
 
-    scripted = save_model(teacher.model, teacher.meta, tmp_path / "scripted.pt", "torchscript")
+    # as users script it: the library model itself, no meta inside (given with --teacher-meta)
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(model), str(scripted))
+    full_meta = tmp_path / "full-meta.json"
+    full_meta.write_text(json.dumps({key: teacher.meta[key] for key in ("num_classes", "in_channels", "image_size",
+                                                                         "resize_size", "interpolation", "mean",
+                                                                         "std")}))
     out = tmp_path / "scored-scripted"
-    score_pool(ScoreConfig(teacher=scripted, pool="folder", root=photos, out=out, batch_size=4, workers=0,
-                           reference_count=64))
+    score_pool(ScoreConfig(teacher=scripted, teacher_meta=full_meta, pool="folder", root=photos, out=out,
+                           batch_size=4, workers=0, reference_count=64))
     again = pq.read_table(out)
-    for column in ("relatedness", "ood_bn_mean", "ood_cos_class"):
+    assert again.column_names == table.column_names
+    for column in ("relatedness", "ood_bn_mean", "ood_bn_var", "ood_cos_class"):
         np.testing.assert_allclose(again[column].to_numpy(), table[column].to_numpy(), rtol=1e-4, atol=1e-4)
 
 
