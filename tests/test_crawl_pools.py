@@ -282,3 +282,36 @@ def test_crawl_mix_scores_resumes_after_sigkill_and_exports_the_pool_bytes(crawl
     for row in shards.to_pylist():
         pixels = torch.frombuffer(bytearray(row["pixels"]), dtype=torch.uint8).reshape(manifest["image_shape"])
         assert torch.equal(pixels, dataset[position[row["uid"]]].image), row["uid"]
+
+
+@pytest.mark.parametrize("fmt", ["ustar", "gnu", "pax"])
+def test_tar_headers_are_listed_as_tarfile_lists_them(tmp_path: Path, fmt: str) -> None:
+    """Long names (ustar's prefix, GNU's long-name members, pax records), directories and non-ASCII names."""
+    import tarfile
+
+    from curate.pools.tar_index import list_members
+
+    path = tmp_path / "t.tar"
+    names = ["a.jpg", "/".join(["deep"] * 30) + "/k.cls", "ünï.json"]
+    if fmt != "ustar":
+        names.append("dir/" + "x" * 120 + ".png")
+    with tarfile.open(path, "w", format=getattr(tarfile, f"{fmt.upper()}_FORMAT")) as tar:
+        for i, name in enumerate(names):
+            data = bytes([i]) * (700 * i + 3)
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+        folder = tarfile.TarInfo("a-folder")
+        folder.type = tarfile.DIRTYPE
+        tar.addfile(folder)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    with open(path, "rb") as raw:
+        listing = list_members(raw)
+    assert list(zip(listing.names, listing.offsets, listing.sizes)) == expected and not listing.truncated
+    data = path.read_bytes()
+    without_end = -(-len(data.rstrip(b"\0")) // 512) * 512  # every header and all data, no end-of-archive blocks
+    for cut in (without_end, expected[-1][1] + 10):  # no end marker; inside the last member's data
+        (tmp_path / "cut.tar").write_bytes(data[:cut])
+        with open(tmp_path / "cut.tar", "rb") as raw:
+            assert list_members(raw).truncated, cut

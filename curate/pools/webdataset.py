@@ -4,17 +4,16 @@ A shard is a tar whose members are grouped into samples by key, as WebDataset do
 ``dir/KEY.cls`` and ``dir/KEY.json`` are the ``jpg``, ``cls`` and ``json`` fields of sample ``dir/KEY`` (the
 key ends at the first dot of the file name), and consecutive members with one key make one sample. A sample
 is read back by position without scanning its tar: each shard's member list (name, data offset, size) is
-built once, by one pass over its headers, and cached on disk under the shard's name, size and modification
-time (in ``$XDG_CACHE_HOME/curate``, default ``~/.cache/curate``). A truncated tar keeps the members before the cut; a
-sample without a usable image member, or whose bytes do not decode, is reported with its uid and reason
-when read, never fatal.
+built once, by one pass over its headers (curate/pools/tar_index.py), and cached on disk under the shard's
+name, size and modification time (in ``$XDG_CACHE_HOME/curate``, default ``~/.cache/curate``). A truncated tar
+keeps the members before the cut; a sample without a usable image member, or whose bytes do not decode, is
+reported with its uid and reason when read, never fatal.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tarfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +30,13 @@ from curate.pools.idx import cache_dir
 from curate.pools.images import DECODING_OPTIONS, Decoding
 from curate.pools.registry import register
 from curate.pools.remote import Location, digest, map_files, resolve_files
+from curate.pools.tar_index import NotATar, list_members
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp"]
 # WebDataset's rule: the key is the member path up to the first dot of its file name, the field the rest.
 _KEY_FIELD = r"^(?P<key>(?:.*/|)[^./]+)\.(?P<field>[^/]*)$"
 _KEY_FIELD_RE = re.compile(_KEY_FIELD)
-_INDEX_FORMAT = "1"
+_INDEX_FORMAT = "2"  # 2: listed by curate/pools/tar_index.py
 OPEN_SHARDS = 8  # shard handles kept open per process
 
 
@@ -53,30 +53,14 @@ class ShardMembers:
     def scan(cls, shard: Location) -> ShardMembers:
         """One pass over the tar's headers (data is skipped, not read). Stops at a truncation; a file that is
         not a tar at all is a user error naming it."""
-        names, offsets, sizes = [], [], []
         with shard.open() as raw:
             try:
-                with tarfile.open(fileobj=raw, mode="r:") as tar:
-                    while True:
-                        try:
-                            member = tar.next()
-                        except tarfile.ReadError:  # a header cut off or damaged: keep what came before
-                            break
-                        if member is None:
-                            break
-                        if member.isfile():
-                            names.append(member.name)
-                            offsets.append(member.offset_data)
-                            sizes.append(member.size)
-            except tarfile.ReadError as err:
+                listing = list_members(raw)
+            except NotATar as err:
                 raise UserError(f"{shard.name} is not a tar file ({err}): remove it from the shard list") from None
-            # A whole tar ends with two zero blocks after its last member's data (padded to 512 bytes).
-            end = offsets[-1] + -(-sizes[-1] // 512) * 512 if names else 0
-            raw.seek(end)
-            tail = raw.read(1024)
-            truncated = len(tail) < 1024 or any(tail)
-        return cls(pa.array(names, pa.string()), np.array(offsets, dtype=np.int64), np.array(sizes, dtype=np.int64),
-                   int(shard.info()["size"]), truncated, shard.version())
+        return cls(pa.array(listing.names, pa.string()), np.array(listing.offsets, dtype=np.int64),
+                   np.array(listing.sizes, dtype=np.int64), int(shard.info()["size"]), listing.truncated,
+                   shard.version())
 
     @classmethod
     def cached(cls, shard: Location) -> ShardMembers:
