@@ -90,7 +90,7 @@ class Pool(abc.ABC):
         yield self, indices, np.arange(len(indices))
 
     def uid(self, index: int) -> str:
-        return f"{self.source}:{self.key(index)}"
+        return uid_of(self.source, self.key(index))
 
     def sample(self, index: int) -> Sample:
         if not 0 <= index < len(self):
@@ -109,6 +109,11 @@ class Pool(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What identifies this pool's content (kind and options), for manifests."""
         return {"kind": self.kind, "source": self.source, "size": len(self)}
+
+
+def uid_of(source: str, key: str) -> str:
+    """A sample's uid: ``<source>:<key>``, unique across a mix."""
+    return f"{source}:{key}"
 
 
 def to_chw_uint8(image: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from curate.pools.base import Pool, SampleError
+from curate.pools.base import Pool, SampleError, uid_of
 
 
 @dataclass
@@ -121,7 +121,7 @@ def read_batch(pool: Pool, positions: Sequence[int], transform: Callable[[torch.
         keys = part.keys(local)
         pieces.append(PoolBatch(torch.from_numpy(positions[where]), transform(batch.contiguous()),
                                 torch.from_numpy(labels.astype(np.int64, copy=False)),
-                                [f"{part.source}:{key}" for key in keys], [part.source] * len(keys), keys, []))
+                                [uid_of(part.source, key) for key in keys], [part.source] * len(keys), keys, []))
         order.append(where)
     if len(pieces) == 1 and np.array_equal(order[0], np.arange(len(order[0]))):
         return pieces[0]

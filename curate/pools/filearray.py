@@ -44,7 +44,7 @@ class FileArray:
             raise IndexError(f"record {index} out of range for {self.shape[0]} in {self.path}")
         data = os.pread(self._descriptor(), self.record_bytes, self.offset + index * self.record_bytes)
         if len(data) != self.record_bytes:
-            raise OSError(f"{self.path} is shorter than its header says (truncated at record {index})")
+            raise self._truncated(index)
         return np.frombuffer(data, dtype=self.dtype).reshape(self.record_shape)
 
     def take(self, indices: np.ndarray) -> np.ndarray:
@@ -62,10 +62,12 @@ class FileArray:
             size = (last - first) * self.record_bytes
             data = os.pread(self._descriptor(), size, self.offset + int(indices[first]) * self.record_bytes)
             if len(data) != size:
-                raise OSError(f"{self.path} is shorter than its header says (truncated near record "
-                              f"{int(indices[first])})")
+                raise self._truncated(int(indices[first]))
             view[first:last] = np.frombuffer(data, np.uint8).reshape(last - first, -1)
         return out
+
+    def _truncated(self, record: int) -> OSError:
+        return OSError(f"{self.path} is shorter than its header says (truncated at or after record {record})")
 
     def __del__(self, _getpid=os.getpid, _close=os.close) -> None:
         # bound at definition: at interpreter exit the module's globals (os) may already be gone

@@ -28,7 +28,7 @@ depend on what it happens to contain.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +46,7 @@ class Reference:
     count: int
     mean: dict[str, float]
     std: dict[str, float]
+    _moments: dict = field(default_factory=dict, repr=False, compare=False)  # device -> (mean, std) tensors
 
     @classmethod
     def fit(cls, values: dict[str, torch.Tensor]) -> Reference:
@@ -76,8 +77,11 @@ class Reference:
         """z-score of every indicator against the noise reference (NaN stays NaN), clipped to +-50: the seven
         indicators in one stacked tensor, five operations a batch instead of five per indicator."""
         stacked = torch.stack([values[name] for name in INDICATORS]).double()
-        mean, std = (torch.tensor([moments[name] for name in INDICATORS], dtype=torch.float64,
-                                  device=stacked.device)[:, None] for moments in (self.mean, self.std))
+        if stacked.device not in self._moments:  # built once per device, not once per batch
+            self._moments[stacked.device] = tuple(
+                torch.tensor([m[name] for name in INDICATORS], dtype=torch.float64, device=stacked.device)[:, None]
+                for m in (self.mean, self.std))
+        mean, std = self._moments[stacked.device]
         z = ((stacked - mean) / std).clamp(-_Z_CLIP, _Z_CLIP).float()
         return dict(zip(INDICATORS, z.unbind(0)))
 
