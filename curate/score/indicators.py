@@ -56,22 +56,56 @@ BATCHNORM_OPS = frozenset({torch.ops.aten.batch_norm.default,
 LINEAR_OPS = frozenset({torch.ops.aten.linear.default})
 
 
-def batchnorm_deviation(x: torch.Tensor, running_mean: torch.Tensor,
-                        running_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample: how far its per-channel feature means and variances at one BatchNorm input fall from the
-    layer's running statistics (squared z of the means, squared log-ratio of the variances, channel-averaged)."""
-    x = x.float()
-    if x.shape[2] * x.shape[3] >= 256:
-        # Large maps: every other row and column estimates the per-channel moments well enough
-        # and halves the probe's share of the pass on memory-bound CPUs.
-        x = x[:, :, ::2, ::2]
-    # E[x^2] - E[x]^2 instead of torch.var_mean: Welford's pass is 5-15x slower on these shapes.
-    mean = x.mean((2, 3))
-    var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
-    running_var = running_var.float() + _EPS
-    mean_dev = ((mean - running_mean.float()).square() / running_var).mean(1)
-    var_dev = torch.log((var + _EPS) / running_var).square().mean(1)
-    return mean_dev, var_dev
+class BatchNormMoments:
+    """Per-sample channel means and variances at every BatchNorm input of one forward pass, with the layers'
+    running statistics; at the end of the pass, how far each sample falls from them (squared z of the means,
+    squared log-ratio of the variances, averaged over channels, then over layers), for all layers at once.
+
+    Two or three operations a layer and a few for the batch, instead of about ten a layer: on a GPU each is a
+    kernel launch, and a small teacher's forward pass is not much more than that.
+    """
+
+    def __init__(self) -> None:
+        self.means: list[torch.Tensor] = []
+        self.variances: list[torch.Tensor] = []
+        self.running: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._weights: dict[tuple, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        self.means, self.variances, self.running = [], [], []
+
+    def __len__(self) -> int:
+        return len(self.means)
+
+    def add(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
+        x = x.float()
+        if x.shape[2] * x.shape[3] >= 256:
+            # Large maps: every other row and column estimates the per-channel moments well enough
+            # and halves the probe's share of the pass on memory-bound CPUs.
+            x = x[:, :, ::2, ::2]
+        if x.is_cuda:
+            var, mean = torch.var_mean(x, (2, 3), correction=0)
+        else:  # E[x^2] - E[x]^2: Welford's pass (var_mean) is 5-15x slower on these shapes on a CPU
+            mean = x.mean((2, 3))
+            var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
+        self.means.append(mean)
+        self.variances.append(var)
+        self.running.append((running_mean, running_var))
+
+    def deviations(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean deviation, variance deviation) per sample, each averaged over channels and layers."""
+        mean, var = torch.cat(self.means, 1), torch.cat(self.variances, 1)
+        running_mean = torch.cat([m for m, _ in self.running]).float()
+        running_var = torch.cat([v for _, v in self.running]).float() + _EPS
+        widths = tuple(m.shape[1] for m in self.means)
+        key = (widths, mean.device)
+        if key not in self._weights:  # 1 / (channels of its layer x layers) for each channel
+            self._weights[key] = torch.cat([torch.full((w,), 1.0 / (w * len(widths))) for w in widths]).to(mean.device)
+        weights = self._weights[key]
+        # products and sums, not a matmul: autocast would run a matmul in bf16
+        mean_dev = ((mean - running_mean).square() / running_var).mul_(weights).sum(1)
+        var_dev = torch.log((var + _EPS) / running_var).square_().mul_(weights).sum(1)
+        return mean_dev, var_dev
 
 
 class TeacherProbe:
@@ -87,9 +121,7 @@ class TeacherProbe:
 
     def __init__(self, model: nn.Module, example: torch.Tensor | None = None) -> None:
         self.model = model
-        self._bn_mean: torch.Tensor | None = None
-        self._bn_var: torch.Tensor | None = None
-        self._bn_layers = 0
+        self.moments = BatchNormMoments()
         self._features: torch.Tensor | None = None
         self.classifier_weight: torch.Tensor | None = None
         self.split_forward = False
@@ -99,7 +131,7 @@ class TeacherProbe:
         if isinstance(model, torch.jit.ScriptModule) and example is not None:
             model = _converted(model, example) or model
         if isinstance(model, torch.fx.GraphModule):
-            self.graph = GraphProbe(model, self._add_batchnorm, self._feature_input)
+            self.graph = GraphProbe(model, self.moments.add, self._feature_input)
             self.batchnorm_layers = self.graph.batchnorm_layers
             self.classifier_weight = self.graph.classifier_weight
         elif isinstance(model, torch.jit.ScriptModule):
@@ -117,20 +149,14 @@ class TeacherProbe:
                     lambda module, inputs: self._feature_input(inputs[0])))
 
     def _bn_hook(self, module: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...]) -> None:
-        self._add_batchnorm(inputs[0], module.running_mean, module.running_var)
-
-    def _add_batchnorm(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
-        mean_dev, var_dev = batchnorm_deviation(x, running_mean, running_var)
-        self._bn_mean = mean_dev if self._bn_mean is None else self._bn_mean + mean_dev
-        self._bn_var = var_dev if self._bn_var is None else self._bn_var + var_dev
-        self._bn_layers += 1
+        self.moments.add(inputs[0], module.running_mean, module.running_var)
 
     def _feature_input(self, features: torch.Tensor) -> None:
         self._features = features
 
     def __call__(self, x: torch.Tensor) -> BatchScores:
-        self._bn_mean = self._bn_var = self._features = None
-        self._bn_layers = 0
+        self._features = None
+        self.moments.clear()
         if self.graph is not None:
             logits = self.graph.logits(x)
             features = self._features
@@ -152,9 +178,9 @@ class TeacherProbe:
         energy = -torch.logsumexp(logits, dim=1)
         nan = torch.full((n,), float("nan"), device=logits.device)
         indicators = {"msp": top[:, 0], "neg_energy": -energy, "neg_entropy": -entropy}
-        if self._bn_layers:
-            indicators["bn_mean"] = -self._bn_mean / self._bn_layers
-            indicators["bn_var"] = -self._bn_var / self._bn_layers
+        if len(self.moments):
+            mean_dev, var_dev = self.moments.deviations()
+            indicators["bn_mean"], indicators["bn_var"] = -mean_dev, -var_dev
         else:
             indicators["bn_mean"] = indicators["bn_var"] = nan
         if features is not None and self.classifier_weight is not None:
