@@ -181,6 +181,17 @@ def test_shards_and_tables_read_over_http_equal_local_reads(shards: Path, http_r
     for i in (0, 25, 59):
         assert torch.equal(remote.sample(i).image, local.sample(i).image)
         assert remote.sample(i).label == digits[1][i]
+    # forked reader processes after the parent has read: each needs its own connections and file positions
+    from torch.utils.data import DataLoader
+
+    from curate.pools import BatchedPoolDataset, as_is
+
+    geometry = InputSpec(1, 28, (0.5,), (0.5,)).geometry()
+    loader = DataLoader(BatchedPoolDataset(remote, geometry), sampler=[range(0, 30), range(30, 60)], batch_size=None,
+                        num_workers=2, collate_fn=as_is, multiprocessing_context="fork",
+                        timeout=60)  # the failure this guards against was a hang
+    images = torch.cat([batch.images for batch in loader])
+    assert torch.equal(images, BatchedPoolDataset(local, geometry)[range(60)].images)
     write_img2dataset(folder / "part-0.parquet", digits[0][:24], row_group=8)
     table = open_pool("parquet", None, {"files": [f"{url}/part-0.parquet"]})
     assert len(table) == 24 and np.array_equal(grey(table.sample(17).image), digits[0][17])

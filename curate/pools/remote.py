@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import io
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -66,13 +67,18 @@ def _filesystem(name: str) -> tuple[Any, str]:
 
 @dataclass(frozen=True)
 class Location:
-    """One file, local or remote. Pickles as its name: file systems are rebuilt in each process."""
+    """One file, local or remote. Pickles as its name, and its file system is rebuilt in each process, forked
+    ones included: an fsspec http file system carries its parent's event loop, which a child cannot use."""
 
     name: str
 
-    @cached_property
+    @property
     def _fs(self) -> tuple[Any, str]:
-        return _filesystem(self.name)
+        pid, fs = self.__dict__.get("_fs_of_process", (None, None))
+        if pid != os.getpid():
+            fs = _filesystem(self.name)
+            self.__dict__["_fs_of_process"] = (os.getpid(), fs)
+        return fs
 
     def __getstate__(self) -> dict:
         return {"name": self.name}

@@ -209,7 +209,10 @@ class WebDatasetPool(Pool):
         if offset + size > self.file_size[shard]:
             raise SampleError(f"the tar is truncated: this member ends at byte {offset + size:,} of "
                               f"{self.file_size[shard]:,}")
-        handles: OrderedDict = self.__dict__.setdefault("_handles", OrderedDict())
+        pid, handles = self.__dict__.get("_handles", (None, None))
+        if pid != os.getpid():  # a forked worker must not share its parent's file offsets or connections
+            handles = OrderedDict()
+            self.__dict__["_handles"] = (os.getpid(), handles)
         if shard not in handles:
             if len(handles) >= OPEN_SHARDS:
                 handles.popitem(last=False)[1].close()
