@@ -14,6 +14,7 @@ weights are in neither fails in one line that says where to put the file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,15 @@ class LibraryModel:
 
     def build(self, num_classes: int) -> LibraryClassifier:
         """Randomly initialised, with ``num_classes`` outputs."""
+        return LibraryClassifier(self._library_model(num_classes))
+
+    def _library_model(self, num_classes: int) -> nn.Module:
+        """The library's own module, randomly initialised."""
         if self.library == "torchvision":
             import torchvision.models as tvm
 
-            model = tvm.get_model(self.name, weights=None, num_classes=num_classes)
-        else:
-            model = _timm().create_model(self.name, pretrained=False, num_classes=num_classes)
-        return LibraryClassifier(model)
+            return tvm.get_model(self.name, weights=None, num_classes=num_classes)
+        return _timm().create_model(self.name, pretrained=False, num_classes=num_classes)
 
     def pretrained(self, weights_file: Path | None = None, state: dict[str, torch.Tensor] | None = None,
                    source: Path | None = None) -> tuple[LibraryClassifier, dict[str, Any], Path]:
@@ -114,12 +117,7 @@ class LibraryModel:
             path = weights_file if weights_file is not None else self._cached_weights()
             state = _read_state(path)
         num_classes = _classes_in(state, path)
-        if self.library == "torchvision":
-            import torchvision.models as tvm
-
-            model = tvm.get_model(self.name, weights=None, num_classes=num_classes)
-        else:
-            model = _timm().create_model(self.name, pretrained=False, num_classes=num_classes)
+        model = self._library_model(num_classes)
         try:
             model.load_state_dict(state)
         except RuntimeError as err:
@@ -137,7 +135,7 @@ class LibraryModel:
                     "mean": list(transform.mean), "std": list(transform.std),
                     "interpolation": transform.interpolation.value, "class_names": weights.meta.get("categories")}
         else:
-            cfg = _timm().create_model(self.name, pretrained=False).pretrained_cfg
+            cfg = self._timm_cfg
             size = int(cfg["input_size"][-1])
             meta = {"image_size": size, "resize_size": int(size / cfg.get("crop_pct", 0.875)),
                     "mean": list(cfg["mean"]), "std": list(cfg["std"]),
@@ -145,6 +143,11 @@ class LibraryModel:
         if not meta["class_names"] or len(meta["class_names"]) != num_classes:
             meta["class_names"] = [str(i) for i in range(num_classes)]
         return {**meta, "num_classes": num_classes, "in_channels": 3, "arch": str(self)}
+
+    @cached_property
+    def _timm_cfg(self) -> dict[str, Any]:
+        """The pretrained config timm resolves for this name and tag (input size, crop, mean/std, hub id)."""
+        return _timm().create_model(self.name, pretrained=False).pretrained_cfg
 
     def _torchvision_weights(self):
         import torchvision.models as tvm
@@ -167,8 +170,7 @@ class LibraryModel:
                                 f"{Path(weights.url).name} (from {weights.url}) at {path}, or pass "
                                 "--teacher-weights FILE with a state_dict of the model")
             return path
-        cfg = _timm().create_model(self.name, pretrained=False).pretrained_cfg
-        repo = cfg.get("hf_hub_id")
+        repo = self._timm_cfg.get("hf_hub_id")
         from huggingface_hub import try_to_load_from_cache
 
         for filename in ("model.safetensors", "pytorch_model.bin"):
