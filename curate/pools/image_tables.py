@@ -22,9 +22,10 @@ from curate.errors import UserError
 from curate.pools.base import Pool, SampleError
 from curate.pools.images import DECODING_OPTIONS, Decoding
 from curate.pools.registry import register
-from curate.pools.remote import Location, digest, map_files, resolve_files
+from curate.pools.remote import Location, OpenFiles, digest, map_files, resolve_files
 
 ROW_GROUPS_KEPT = 2  # decoded row groups kept per process
+OPEN_TABLES = 8  # Parquet files kept open per process
 
 
 class TableFile(NamedTuple):
@@ -118,6 +119,7 @@ class ParquetImagePool(Pool):
             raise UserError(f"no rows in {len(self.files)} Parquet file(s) ({self.files[0].name}, ...)")
         self.file_starts = np.concatenate([[0], np.cumsum(file_rows)])
         self.group_starts = [np.concatenate([[0], np.cumsum(t.group_rows)]) for t in tables]
+        self.open_tables = OpenFiles(OPEN_TABLES)  # footers are read once per file and process, not per row group
 
     def __len__(self) -> int:
         return int(self.file_starts[-1])
@@ -151,8 +153,8 @@ class ParquetImagePool(Pool):
                 cache.popitem(last=False)
             columns = [self.column] + ([self.label] if self.label is not None else [])
             try:
-                with self.files[file].open() as handle:
-                    table = pq.ParquetFile(handle).read_row_group(group, columns=columns)
+                parquet = self.open_tables.get(file, lambda: pq.ParquetFile(self.files[file].open()))
+                table = parquet.read_row_group(group, columns=columns)
             except (pa.ArrowException, OSError) as err:
                 raise UserError(f"cannot read row group {group} of {self.files[file].name} ({err}): the file "
                                 "changed or is damaged") from None

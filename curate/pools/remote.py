@@ -13,8 +13,10 @@ import hashlib
 import io
 import os
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 from curate.errors import UserError
 
+T = TypeVar("T")
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
@@ -74,11 +77,7 @@ class Location:
 
     @property
     def _fs(self) -> tuple[Any, str]:
-        pid, fs = self.__dict__.get("_fs_of_process", (None, None))
-        if pid != os.getpid():
-            fs = _filesystem(self.name)
-            self.__dict__["_fs_of_process"] = (os.getpid(), fs)
-        return fs
+        return of_this_process(self.__dict__, "_fs", lambda: _filesystem(self.name))
 
     def __getstate__(self) -> dict:
         return {"name": self.name}
@@ -96,17 +95,21 @@ class Location:
     @cached_property
     def _info(self) -> dict:
         fs, path = self._fs
-        try:
+        with self._storage_errors():
             return fs.info(path)
+
+    @contextmanager
+    def _storage_errors(self) -> Iterator[None]:
+        """A missing or unreadable file is a one-line error naming it."""
+        try:
+            yield
         except FileNotFoundError:
-            raise UserError(self._missing()) from None
+            if is_url(self.name):  # fsspec's http reports an unreachable server as a missing file
+                raise UserError(f"{self.name} cannot be read (no such file, or the server cannot be reached): "
+                                "check the URL") from None
+            raise UserError(f"{self.name} does not exist: fix the file list or pattern, or restore the file") from None
         except OSError as err:
             raise UserError(f"cannot read {self.name}: {err}") from None
-
-    def _missing(self) -> str:
-        if is_url(self.name):  # fsspec's http reports an unreachable server as a missing file
-            return f"{self.name} cannot be read (no such file, or the server cannot be reached): check the URL"
-        return f"{self.name} does not exist: fix the file list or pattern, or restore the file"
 
     def version(self) -> str:
         """Size and modification time (or ETag): what changes when the file does. Keys cached indexes."""
@@ -117,12 +120,8 @@ class Location:
 
     def open(self) -> io.BufferedIOBase:
         fs, path = self._fs
-        try:
+        with self._storage_errors():
             return fs.open(path, "rb")
-        except FileNotFoundError:
-            raise UserError(self._missing()) from None
-        except OSError as err:
-            raise UserError(f"cannot read {self.name}: {err}") from None
 
     def read_at(self, file: io.BufferedIOBase, offset: int, size: int) -> bytes:
         """``size`` bytes at ``offset`` of ``file`` (this location, opened); fewer at the end of a truncated file.
@@ -133,6 +132,36 @@ class Location:
         except (OSError, ValueError) as err:  # fsspec's http raises ValueError where a server ignores ranges
             raise UserError(f"cannot read {self.name} at byte {offset:,}: {err}; a server must answer range "
                             "requests, and the command resumes where it stopped") from None
+
+
+def of_this_process(state: dict, name: str, build: Callable[[], T]) -> T:
+    """``state[name]``, built in this process: a value inherited through ``fork`` (a DataLoader worker) is built
+    again, since file offsets and an fsspec http file system's event loop cannot be shared with the parent."""
+    pid, value = state.get(name, (None, None))
+    if pid != os.getpid():
+        value = build()
+        state[name] = (os.getpid(), value)
+    return value
+
+
+class OpenFiles:
+    """The ``capacity`` files last used, kept open in this process (a reader in order reads on from where it
+    was); a forked process starts with none of its parent's, and a pickled copy travels empty."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+
+    def __getstate__(self) -> dict:
+        return {"capacity": self.capacity}
+
+    def get(self, key: Any, open_file: Callable[[], T]) -> T:
+        files: OrderedDict = of_this_process(self.__dict__, "_files", OrderedDict)
+        if key not in files:
+            if len(files) >= self.capacity:
+                files.popitem(last=False)[1].close()
+            files[key] = open_file()
+        files.move_to_end(key)
+        return files[key]
 
 
 def resolve_files(patterns: str | list[str], root: Path | None, what: str, default_glob: str) -> list[Location]:
@@ -165,9 +194,6 @@ def resolve_files(patterns: str | list[str], root: Path | None, what: str, defau
 def digest(versions: list[str]) -> str:
     """One short fingerprint of many files' versions: a pool's identity in scored manifests."""
     return hashlib.sha256("\n".join(versions).encode()).hexdigest()[:16]
-
-
-T = TypeVar("T")
 
 
 def map_files(read: Callable[[Location], T], files: list[Location], what: str) -> list[T]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from curate.pools.base import Pool, SampleError
 from curate.pools.idx import cache_dir
 from curate.pools.images import DECODING_OPTIONS, Decoding
 from curate.pools.registry import register
-from curate.pools.remote import Location, digest, map_files, resolve_files
+from curate.pools.remote import Location, OpenFiles, digest, map_files, resolve_files
 from curate.pools.tar_index import NotATar, list_members
 
 IMAGE_EXTENSIONS = ["jpg", "jpeg", "png", "webp"]
@@ -141,7 +140,6 @@ class WebDatasetPool(Pool):
         "name": "source name (default webdataset)",
     }
     root_help = "folder the shard names are relative to"
-    _transient = ("_handles",)
 
     def __init__(self, root: Path | None = None, shards: str | list[str] | None = None,
                  image: str | list[str] = IMAGE_EXTENSIONS, labels: bool = False, square: str = "crop",
@@ -161,6 +159,7 @@ class WebDatasetPool(Pool):
         self.member_size = np.concatenate([m.sizes for m in shards])
         self.file_size = np.array([m.file_size for m in shards], dtype=np.int64)
         self.samples = group_members(self.names, self.member_shard, self.extensions)
+        self.open_shards = OpenFiles(OPEN_SHARDS)
         if not len(self.samples.first):
             raise UserError(f"no samples in {len(self.shards)} tar shard(s) ({self.shards[0].name}, ...): "
                             "check the shards option")
@@ -209,16 +208,8 @@ class WebDatasetPool(Pool):
         if offset + size > self.file_size[shard]:
             raise SampleError(f"the tar is truncated: this member ends at byte {offset + size:,} of "
                               f"{self.file_size[shard]:,}")
-        pid, handles = self.__dict__.get("_handles", (None, None))
-        if pid != os.getpid():  # a forked worker must not share its parent's file offsets or connections
-            handles = OrderedDict()
-            self.__dict__["_handles"] = (os.getpid(), handles)
-        if shard not in handles:
-            if len(handles) >= OPEN_SHARDS:
-                handles.popitem(last=False)[1].close()
-            handles[shard] = self.shards[shard].open()
-        handles.move_to_end(shard)
-        data = self.shards[shard].read_at(handles[shard], offset, size)
+        file = self.open_shards.get(shard, self.shards[shard].open)
+        data = self.shards[shard].read_at(file, offset, size)
         if len(data) != size:
             raise SampleError(f"the tar is truncated: {len(data):,} of {size:,} bytes of this member")
         return data
