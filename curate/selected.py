@@ -26,10 +26,10 @@ import pyarrow.parquet as pq
 
 from curate.atomic import read_json_object
 from curate.errors import UserError
-from curate.selected_tars import FORMAT as TARS_FORMAT
 from curate.spec import InputSpec
 
 FORMAT = "curate.selected/1"
+TARS_FORMAT = "curate.selected-webdataset/1"  # the same rows as WebDataset tars (curate/selected_tars.py)
 MANIFEST = "_manifest.json"
 SCHEMA_KEYS = ("format", "image_shape", "class_names", "num_classes")  # manifest entries every shard repeats
 
@@ -71,40 +71,68 @@ def rows_table(schema: pa.Schema, uid: Any, source: Any, pixels: np.ndarray, log
     return pa.table(columns).cast(schema)
 
 
-class ShardWriter:
-    """Tables of rows into ``shard-00000.parquet``, ``shard-00001.parquet``, ... in row groups of
-    ``row_group_rows``; a shard is closed once it holds ``shard_rows`` rows or more."""
+class NumberedShards:
+    """Files ``shard-00000<suffix>``, ``shard-00001<suffix>``, ... in ``folder``, each closed once it holds
+    ``shard_rows`` rows or more, and the manifest's list of them (``entries``). Subclasses open the file."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, row_group_rows: int) -> None:
+    suffix: str
+
+    def __init__(self, folder: Path, shard_rows: int) -> None:
         self.folder = Path(folder)
-        self.schema = schema
         self.shard_rows = shard_rows
-        self.row_group_rows = row_group_rows
         self.entries: list[dict[str, Any]] = []  # the manifest's shard list
-        self._writer: pq.ParquetWriter | None = None
+        self._file: Any = None
         self._rows = 0
+
+    def _open(self, path: Path) -> Any:
+        raise NotImplementedError
 
     @property
     def _name(self) -> str:
-        return f"shard-{len(self.entries):05d}.parquet"
+        return f"shard-{len(self.entries):05d}{self.suffix}"
 
-    def write(self, table: pa.Table) -> None:
-        if self._writer is None:
-            self._writer = pq.ParquetWriter(self.folder / self._name, self.schema)
-        self._writer.write_table(table, row_group_size=self.row_group_rows)
-        self._rows += table.num_rows
+    @property
+    def rows_written(self) -> int:
+        return sum(entry["rows"] for entry in self.entries) + self._rows
+
+    def _current(self) -> Any:
+        """The shard being written, opened on its first row."""
+        if self._file is None:
+            self._file = self._open(self.folder / self._name)
+        return self._file
+
+    def _wrote(self, rows: int) -> None:
+        self._rows += rows
         if self._rows >= self.shard_rows:
             self._close_shard()
 
     def _close_shard(self) -> None:
-        self._writer.close()
+        self._file.close()
         self.entries.append({"file": self._name, "rows": self._rows})
-        self._writer, self._rows = None, 0
+        self._file, self._rows = None, 0
 
     def close(self) -> list[dict[str, Any]]:
-        if self._writer is not None:
+        if self._file is not None:
             self._close_shard()
         return self.entries
+
+
+class ShardWriter(NumberedShards):
+    """Tables of rows into Parquet shards in row groups of ``row_group_rows``."""
+
+    suffix = ".parquet"
+
+    def __init__(self, folder: Path, schema: pa.Schema, shard_rows: int, row_group_rows: int) -> None:
+        super().__init__(folder, shard_rows)
+        self.schema = schema
+        self.row_group_rows = row_group_rows
+
+    def _open(self, path: Path) -> pq.ParquetWriter:
+        return pq.ParquetWriter(path, self.schema)
+
+    def write(self, table: pa.Table) -> None:
+        self._current().write_table(table, row_group_size=self.row_group_rows)
+        self._wrote(table.num_rows)
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -23,13 +23,12 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-FORMAT = "curate.selected-webdataset/1"
+from curate.selected import NumberedShards
 
 
 def _npy(array: np.ndarray) -> bytes:
@@ -45,16 +44,13 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class TarShardWriter:
-    """Rows into ``shard-00000.tar``, ``shard-00001.tar``, ... of ``shard_rows`` samples each."""
+class TarShardWriter(NumberedShards):
+    """Rows into tar shards of ``shard_rows`` samples each."""
 
-    def __init__(self, folder: Path, shard_rows: int) -> None:
-        self.folder = Path(folder)
-        self.shard_rows = shard_rows
-        self.entries: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
-        self._rows = 0
-        self._written = 0
+    suffix = ".tar"
+
+    def _open(self, path: Path) -> tarfile.TarFile:
+        return tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
 
     def write(self, rows: pa.Table, pixels: np.ndarray) -> None:
         """``rows`` with uid, source, logits, weight, label (and embedding), ``pixels`` one C x H x W image each."""
@@ -78,30 +74,12 @@ class TarShardWriter:
             self._add(fields)
 
     def _add(self, fields: dict[str, bytes | None]) -> None:
-        if self._tar is None:
-            self._tar = tarfile.open(self.folder / self._name, "w", format=tarfile.USTAR_FORMAT)
-        key = f"{self._written:09d}"
+        key = f"{self.rows_written:09d}"  # the row's number in the export
+        tar = self._current()
         for field, data in fields.items():
             if data is None:
                 continue
             member = tarfile.TarInfo(f"{key}.{field}")
             member.size, member.mode, member.mtime = len(data), 0o444, 0
-            self._tar.addfile(member, io.BytesIO(data))
-        self._rows += 1
-        self._written += 1
-        if self._rows >= self.shard_rows:
-            self._close_shard()
-
-    @property
-    def _name(self) -> str:
-        return f"shard-{len(self.entries):05d}.tar"
-
-    def _close_shard(self) -> None:
-        self._tar.close()
-        self.entries.append({"file": self._name, "rows": self._rows})
-        self._tar, self._rows = None, 0
-
-    def close(self) -> list[dict[str, Any]]:
-        if self._tar is not None:
-            self._close_shard()
-        return self.entries
+            tar.addfile(member, io.BytesIO(data))
+        self._wrote(1)

@@ -37,8 +37,7 @@ from curate.errors import UserError
 from curate.pools import BatchedPoolDataset, as_is, open_pool
 from curate.query.config import ExportConfig
 from curate.query.scored import ScoredPool
-from curate.selected import ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
-from curate.selected_tars import FORMAT as TARS_FORMAT
+from curate.selected import TARS_FORMAT, ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
 from curate.selected_tars import TarShardWriter
 from curate.spec import InputSpec
 from curate.teachers import file_fingerprint
