@@ -35,7 +35,12 @@ from PIL import Image
 from curate.pools import open_pool
 
 PER_SHARD = 1000
-PHOTOS = ["/usr/share/wallpapers", "/usr/share/backgrounds"]
+PHOTOS = ["/usr/share/wallpapers", "/usr/share/backgrounds"]  # Debian's wallpaper packages
+
+
+def photo_folder() -> Path:
+    """The first installed folder of Debian wallpapers (scripts/setup.sh installs them)."""
+    return next(Path(p) for p in PHOTOS if Path(p).is_dir())
 
 
 GLYPHS = {  # name: options of the glyphs pool
@@ -54,7 +59,7 @@ def mix_spec(count: int, folder: Path) -> Path:
     for name, options in GLYPHS.items():
         available = len(open_pool("glyphs", None, options))
         sources.append({"kind": "glyphs", "name": name, **options, "count": min(available, count // 40)})
-    photos = next(p for p in PHOTOS if Path(p).is_dir())
+    photos = str(photo_folder())
     # small crops (2-10% of the photo's side): resizing a 500-pixel crop to 28 cost 0.5 ms a patch
     sources.append({"kind": "patches", "name": "photo", "root": photos, "size": 28, "min_scale": 0.02,
                     "max_scale": 0.1, "count": count - sum(s["count"] for s in sources)})

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,13 +25,13 @@ from curate.score.config import ScoreConfig
 from curate.score.runner import score_pool
 from curate.teachers import load_teacher
 
-PHOTOS = ["/usr/share/wallpapers", "/usr/share/backgrounds"]
+sys.path.insert(0, str(Path(__file__).parent))
+from crawl_pool import photo_folder  # noqa: E402
 
 
 def make_photos(folder: Path, count: int) -> Path:
     """``count`` 400x300 JPEG crops of the Debian wallpapers (seeded positions)."""
-    root = next(p for p in PHOTOS if Path(p).is_dir())
-    pool = open_pool("patches", Path(root), {"count": count, "size": 400, "min_scale": 0.3, "max_scale": 0.6})
+    pool = open_pool("patches", photo_folder(), {"count": count, "size": 400, "min_scale": 0.3, "max_scale": 0.6})
     for i in range(count):
         pixels = pool.sample(i).image.expand(3, -1, -1)  # a grey wallpaper gives one channel
         image = Image.fromarray(pixels.permute(1, 2, 0).numpy()).resize((400, 300))
