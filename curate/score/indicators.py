@@ -69,7 +69,7 @@ class BatchNormMoments:
         self.means: list[torch.Tensor] = []
         self.variances: list[torch.Tensor] = []
         self.running: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self._weights: dict[tuple, torch.Tensor] = {}
+        self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
         self.means, self.variances, self.running = [], [], []
@@ -95,13 +95,15 @@ class BatchNormMoments:
     def deviations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean deviation, variance deviation) per sample, each averaged over channels and layers."""
         mean, var = torch.cat(self.means, 1), torch.cat(self.variances, 1)
-        running_mean = torch.cat([m for m, _ in self.running]).float()
-        running_var = torch.cat([v for _, v in self.running]).float() + _EPS
         widths = tuple(m.shape[1] for m in self.means)
         key = (widths, mean.device)
-        if key not in self._weights:  # 1 / (channels of its layer x layers) for each channel
-            self._weights[key] = torch.cat([torch.full((w,), 1.0 / (w * len(widths))) for w in widths]).to(mean.device)
-        weights = self._weights[key]
+        if key not in self._constants:  # an eval-mode teacher's running statistics do not change between batches
+            self._constants[key] = (
+                torch.cat([m for m, _ in self.running]).float(),
+                torch.cat([v for _, v in self.running]).float() + _EPS,
+                # 1 / (channels of its layer x layers) for each channel
+                torch.cat([torch.full((w,), 1.0 / (w * len(widths))) for w in widths]).to(mean.device))
+        running_mean, running_var, weights = self._constants[key]
         # products and sums, not a matmul: autocast would run a matmul in bf16
         mean_dev = ((mean - running_mean).square() / running_var).mul_(weights).sum(1)
         var_dev = torch.log((var + _EPS) / running_var).square_().mul_(weights).sum(1)
