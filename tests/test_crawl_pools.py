@@ -326,3 +326,24 @@ def test_tar_headers_are_listed_as_tarfile_lists_them(tmp_path: Path, fmt: str) 
         (tmp_path / "cut.tar").write_bytes(data[:cut])
         with open(tmp_path / "cut.tar", "rb") as raw:
             assert list_members(raw).truncated, cut
+
+
+def test_a_damaged_pax_record_ends_the_listing_instead_of_looping(tmp_path: Path) -> None:
+    import re
+    import tarfile
+
+    from curate.pools.tar_index import list_members
+
+    path = tmp_path / "t.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name in ("first.jpg", "dir/" + "x" * 120 + ".png"):  # the long name needs a pax record
+            member = tarfile.TarInfo(name)
+            member.size = 3
+            tar.addfile(member, io.BytesIO(b"abc"))
+    data = path.read_bytes()
+    record = re.search(rb"\n?(\d+) path=", data)
+    zeros = b"0" * len(record.group(1))  # a record length of zero: the payload, not the checksummed header
+    path.write_bytes(data[:record.start(1)] + zeros + data[record.end(1):])
+    with open(path, "rb") as raw:
+        listing = list_members(raw)
+    assert listing.names == ["first.jpg"] and listing.truncated

@@ -142,6 +142,8 @@ def _pax_records(payload: bytes) -> dict[str, str]:
         if space < 0:
             break
         length = int(payload[position:space])
+        if length <= space - position:  # a record is longer than its own length field: damaged (and no loop)
+            raise ValueError(f"pax record length {length}")
         key, _, value = payload[space + 1:position + length - 1].partition(b"=")
         records[key.decode("utf-8", "surrogateescape")] = value.decode("utf-8", "surrogateescape")
         position += length
