@@ -68,6 +68,8 @@ def test_webdataset_shards_read_in_order_with_labels(shards: Path, digits) -> No
 
 def test_brace_ranges_expand_like_webdataset() -> None:
     assert expand_braces("s-{000..002}.tar") == ["s-000.tar", "s-001.tar", "s-002.tar"]
+    with pytest.raises(UserError, match="more than"):
+        expand_braces("s-{0..999999999999}.tar")  # a typo must not fill memory
     assert expand_braces("{a,b}/s-{8..10}.tar") == ["a/s-8.tar", "a/s-9.tar", "a/s-10.tar", "b/s-8.tar",
                                                     "b/s-9.tar", "b/s-10.tar"]
 

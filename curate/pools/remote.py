@@ -29,6 +29,7 @@ _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 _RANGE = re.compile(r"\{(\d+)\.\.(\d+)\}")
 _ALTERNATIVES = re.compile(r"\{([^{}]*,[^{}]*)\}")
 _GLOB = re.compile(r"[*?\[]")
+MAX_RANGE = 10_000_000  # a brace range longer than this is a typo, not a crawl
 # Which package serves which scheme, for the error a user meets when it is missing.
 _BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "http": "aiohttp", "https": "aiohttp",
              "az": "adlfs", "abfs": "adlfs", "hf": "huggingface_hub"}
@@ -49,6 +50,8 @@ def expand_braces(pattern: str) -> list[str]:
         first, last = found.group(1), found.group(2)
         width = len(first) if first.startswith("0") or len(first) == len(last) else 0
         step = 1 if int(last) >= int(first) else -1
+        if abs(int(last) - int(first)) >= MAX_RANGE:
+            raise UserError(f"{found.group(0)} in {pattern} names more than {MAX_RANGE:,} files: check the range")
         choices = [str(v).zfill(width) for v in range(int(first), int(last) + step, step)]
     else:
         choices = found.group(1).split(",")
