@@ -22,9 +22,9 @@ def hardest_within_classes(gap: torch.Tensor, classes: torch.Tensor, keep: int, 
     onehot = F.one_hot(classes[order], num_classes)
     rank_in_class = (onehot.cumsum(0) * onehot).sum(1) - 1  # 0 for a class's largest gap, 1 for the next...
     within_quota = rank_in_class < keep // num_classes
-    first = order[within_quota]
-    rest = order[~within_quota][: keep - len(first)]
-    return torch.cat([first, rest])
+    # the ones within quota, then the rest, each by gap: a stable sort instead of masks, whose sizes a GPU
+    # would have to report to the host
+    return order[torch.argsort((~within_quota).to(torch.uint8), stable=True)][:keep]
 
 
 class HardestViews:

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from curate.device import to_device
+
 
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random crop of the zero-padded images back to their size, and random horizontal flips.
@@ -21,12 +23,14 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     if padding <= 0 and not flip:
         return images
     padded = F.pad(images, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+    # all of the step's draws in one copy to the device (a copy per draw would stall a GPU three times a step)
+    shifts = torch.randint(0, 2 * padding + 1, (2, n), generator=generator)
+    mirrored = torch.rand(n, generator=generator) < 0.5 if flip else torch.zeros(n, dtype=torch.bool)
+    draws = to_device(torch.cat([shifts, mirrored[None]]), images.device)
+    dy, dx, mirrored = draws[0], draws[1], draws[2].bool()
     rows = dy[:, None] + torch.arange(h, device=images.device)
     cols = dx[:, None] + torch.arange(w, device=images.device)
     if flip:
-        mirrored = (torch.rand(n, generator=generator) < 0.5).to(images.device)
         cols = torch.where(mirrored[:, None], cols.flip(1), cols)
     batch = torch.arange(n, device=images.device)[:, None, None]
     # Advanced indexing puts the indexed dims first: N x H x W x C. A plain .contiguous() would keep the
@@ -49,10 +53,10 @@ def mix(images: torch.Tensor, mixup: float, cutmix: float, seed: int, step: int,
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
     lam = torch.from_numpy(rng.beta(*(2 * [cutmix if use_cutmix else mixup]), len(images)).astype(np.float32))
     lam = torch.maximum(lam, 1 - lam)
-    perm = torch.from_numpy(rng.permutation(len(images))).to(images.device)
+    perm = to_device(torch.from_numpy(rng.permutation(len(images))), images.device)
     if use_cutmix:
-        return torch.where(_boxes(images.shape, 1 - lam, rng).to(images.device), images[perm], images)
-    lam = lam.to(images.device).view(-1, 1, 1, 1)
+        return torch.where(to_device(_boxes(images.shape, 1 - lam, rng), images.device), images[perm], images)
+    lam = to_device(lam, images.device).view(-1, 1, 1, 1)
     return lam * images + (1 - lam) * images[perm]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from curate.device import to_device
 from curate.spec import InputSpec
 from curate.teachers import Teacher
 
@@ -24,8 +25,9 @@ class BoundaryViews:
 
     def __init__(self, teacher: torch.nn.Module, spec: InputSpec, num_classes: int, fraction: float) -> None:
         self.teacher, self.num_classes, self.fraction = teacher, num_classes, fraction
-        std = torch.tensor(spec.std).view(1, -1, 1, 1)
-        mean = torch.tensor(spec.mean).view(1, -1, 1, 1)
+        device = next(teacher.parameters()).device
+        std = torch.tensor(spec.std, device=device).view(1, -1, 1, 1)
+        mean = torch.tensor(spec.mean, device=device).view(1, -1, 1, 1)
         self.step = STEP_SIZE / std  # the pixel step in normalised units, per channel
         self.low, self.high = (0 - mean) / std, (1 - mean) / std  # the valid pixel range, normalised
 
@@ -38,9 +40,7 @@ class BoundaryViews:
         count = round(len(inputs) * self.fraction)
         if count == 0:
             return inputs
-        target = torch.randint(0, self.num_classes, (count,), generator=generator).to(inputs.device)
-        device = inputs.device
-        step, low, high = self.step.to(device), self.low.to(device), self.high.to(device)
+        target = to_device(torch.randint(0, self.num_classes, (count,), generator=generator), inputs.device)
         views = inputs[:count].detach().float()
         for _ in range(STEPS):
             views.requires_grad_(True)
@@ -49,5 +49,5 @@ class BoundaryViews:
                 chosen = logits.gather(1, target[:, None])[:, 0]
                 rival = logits.scatter(1, target[:, None], float("-inf")).max(1).values
                 (grad,) = torch.autograd.grad((chosen - rival).sum(), views)
-            views = torch.maximum(torch.minimum(views.detach() + step * grad.sign(), high), low)
+            views = torch.maximum(torch.minimum(views.detach() + self.step * grad.sign(), self.high), self.low)
         return torch.cat([views.to(inputs.dtype), inputs[count:]])

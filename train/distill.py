@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from curate.device import DeviceFeed
 from curate.errors import UserError
 from curate.locks import FolderLock
 from curate.models import build_model, channels_last_is_safe
@@ -94,6 +95,12 @@ class DistillStep(torch.nn.Module):
         return self.loss_fn(logits.float(), targets, weights, features, teacher_embedding), logits
 
 
+def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A reader batch with its tensors on ``device`` (on CUDA, copied from pinned memory without blocking)."""
+    return {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in batch.items()}
+
+
 # -- the trainer -----------------------------------------------------------------------------------------------
 
 
@@ -145,8 +152,7 @@ class Trainer:
         weight, forward, backward; returns the loss terms, the student's logits, the targets, the rows trained on."""
         cfg, device, state = self.cfg, self.device, self.state
         generator = step_generator(cfg.seed, state.step, self.ranks.rank)
-        images = random_crop_flip(batch["pixels"].to(device, non_blocking=True), cfg.crop_padding, cfg.flip,
-                                  generator)
+        images = random_crop_flip(batch["pixels"], cfg.crop_padding, cfg.flip, generator)
         inputs = self.normalize(images)
         if cfg.mixup > 0 or cfg.cutmix > 0:
             inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, state.step, self.ranks.rank)
@@ -158,12 +164,12 @@ class Trainer:
             if self.pick is not None:
                 chosen = self.pick(state.student, inputs, targets)
                 inputs, targets = inputs[chosen], targets[chosen]
-                batch = {name: batch[name][chosen.cpu()] for name in ("index", "weight", "embedding") if name in batch}
-            weights = batch["weight"].to(device) if cfg.weighting == "loss" else None
+                batch = {name: batch[name][chosen] for name in ("index", "weight", "embedding") if name in batch}
+            weights = batch["weight"] if cfg.weighting == "loss" else None
             if cfg.balance_views:
                 balanced = balanced_class_weights(targets)
                 weights = balanced if weights is None else balanced * weights
-            embedding = batch["embedding"].to(device) if cfg.feature_weight > 0 else None
+            embedding = batch["embedding"] if cfg.feature_weight > 0 else None
             terms, logits = self.step_module(inputs, targets, weights, embedding)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(terms.total).backward()
@@ -175,7 +181,7 @@ class Trainer:
     def targets(self, inputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
         """The teacher's logits on the views (online) or its stored logits on the rows."""
         if self.teacher is None:
-            return batch["logits"].to(self.device, non_blocking=True)
+            return batch["logits"]
         with torch.inference_mode():
             targets = self.teacher.model(inputs).float()
         return targets.clone()  # out of inference mode, so autograd may use it
@@ -199,10 +205,10 @@ class Trainer:
                                lambda: state.scheduler.get_last_lr()[0], state.history)
         with logger:
             state.student.train()
-            for batch in loader:
+            for batch in DeviceFeed(loader, on_device, self.device):
                 terms, logits, targets, rows = self.train_step(batch)
                 if recorder is not None:
-                    recorder.write(state.step, batch["key"][0], rows)
+                    recorder.write(state.step, batch["key"][0], rows.cpu())
                 state.step += 1
                 state.reader = ReaderState(batch["key"][0], batch["key"][1] + 1)
                 logger.step(state.step, state.reader.epoch, terms.total,

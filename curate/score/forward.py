@@ -5,7 +5,7 @@ reference that standardises the indicators."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -15,7 +15,7 @@ import torch
 from curate.models import channels_last_is_safe
 from curate.pools import PoolBatch, read_batch
 from curate.pools.generated import NoisePool
-from curate.score.indicators import INDICATORS, BatchScores, TeacherProbe
+from curate.score.indicators import INDICATORS, BatchScores, PendingScores, TeacherProbe
 from curate.score.output import Shard
 from curate.score.reference import Reference
 from curate.score.schema import record_batch
@@ -44,11 +44,15 @@ class ForwardPass:
         self.autocast = torch.autocast(device.type, dtype=dtype) if autocast else nullcontext()
 
     def __call__(self, images: torch.Tensor) -> BatchScores:
+        return self.launch(images).result()
+
+    def launch(self, images: torch.Tensor) -> PendingScores:
+        """Queue the pass over ``images``; ``.result()`` waits for its scores on the host."""
         x = self.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast:
-            return self.probe(x)
+            return self.probe.launch(x)
 
 
 class PositionBatches:
@@ -77,12 +81,23 @@ class BatchScorer:
         self.schema = schema
 
     def __call__(self, batch: PoolBatch) -> pa.RecordBatch | None:
+        return self.launch(batch)()
+
+    def launch(self, batch: PoolBatch) -> Callable[[], pa.RecordBatch | None]:
+        """Queue the teacher's pass over ``batch``; the returned function builds its rows once the scores are
+        on the host. On a GPU, launching batch i+1 before building batch i's rows keeps the GPU busy while the
+        host builds them."""
         if not len(batch.indices):
-            return None
-        scores = self.forward(batch.images)
-        z = self.reference.standardize(scores.indicators)
-        return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
-                            self.reference.relatedness(z))
+            return lambda: None
+        pending = self.forward.launch(batch.images)
+
+        def rows() -> pa.RecordBatch:
+            scores = pending.result()
+            z = self.reference.standardize(scores.indicators)
+            return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
+                                self.reference.relatedness(z))
+
+        return rows
 
 
 @dataclass

@@ -157,6 +157,10 @@ class TeacherProbe:
         self._features = features
 
     def __call__(self, x: torch.Tensor) -> BatchScores:
+        return self.launch(x).result()
+
+    def launch(self, x: torch.Tensor) -> PendingScores:
+        """Queue the pass and the copy of its outputs to the host; on a GPU, without waiting for either."""
         self._features = None
         self.moments.clear()
         if self.graph is not None:
@@ -170,7 +174,7 @@ class TeacherProbe:
             features = self._features
         return self._scores(logits.float(), None if features is None else features.float().flatten(1))
 
-    def _scores(self, logits: torch.Tensor, features: torch.Tensor | None) -> BatchScores:
+    def _scores(self, logits: torch.Tensor, features: torch.Tensor | None) -> PendingScores:
         n = logits.shape[0]
         log_probs = F.log_softmax(logits, dim=1)
         probs = log_probs.exp()
@@ -196,12 +200,7 @@ class TeacherProbe:
         per_sample = {"confidence": top[:, 0], "margin": top[:, 0] - top[:, 1] if top.shape[1] > 1 else top[:, 0],
                       "entropy": entropy, "energy": energy, "feat_norm": feat_norm, "pred": pred,
                       **{f"indicator:{k}": v for k, v in indicators.items()}}
-        host = _to_host({"logits": logits, "embedding": features, **per_sample})
-        return BatchScores(
-            logits=host["logits"], embedding=host["embedding"], pred=host["pred"].long(),
-            confidence=host["confidence"], margin=host["margin"], entropy=host["entropy"], energy=host["energy"],
-            feat_norm=host["feat_norm"], indicators={k: host[f"indicator:{k}"] for k in indicators},
-        )
+        return PendingScores({"logits": logits, "embedding": features, **per_sample}, tuple(indicators))
 
     def close(self) -> None:
         for hook in self.hooks:
@@ -263,17 +262,40 @@ def _converted(model: torch.jit.ScriptModule, example: torch.Tensor) -> torch.fx
         logger.setLevel(level)
 
 
-def _to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
-    """Every output of a batch in one device-to-host copy (one float32 buffer, split into contiguous views
-    on the host) instead of one copy, and one synchronisation, per column. The class index travels as a
-    float32, exact below 2**24 classes."""
-    present = {k: v for k, v in tensors.items() if v is not None}
-    flat = torch.cat([v.float().reshape(-1) for v in present.values()]).cpu()
-    host, offset = dict.fromkeys(tensors), 0
-    for name, tensor in present.items():
-        host[name] = flat[offset:offset + tensor.numel()].view(tensor.shape)
-        offset += tensor.numel()
-    return host
+class PendingScores:
+    """A batch's outputs on their way to the host in one copy (one float32 buffer, split into contiguous views
+    on the host) instead of one copy, and one synchronisation, per column. On a GPU the copy goes to page-locked
+    memory without blocking, so the host can queue the next batch before it waits for this one (``result``).
+    The class index travels as a float32, exact below 2**24 classes."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor | None], indicators: tuple[str, ...]) -> None:
+        self.shapes = {name: None if tensor is None else tensor.shape for name, tensor in tensors.items()}
+        self.indicators = indicators
+        flat = torch.cat([t.float().reshape(-1) for t in tensors.values() if t is not None])
+        self.ready: torch.cuda.Event | None = None
+        if flat.is_cuda:
+            self.flat = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+            self.flat.copy_(flat, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.flat = flat
+
+    def result(self) -> BatchScores:
+        if self.ready is not None:
+            self.ready.synchronize()
+        host, offset = {}, 0
+        for name, shape in self.shapes.items():
+            if shape is None:
+                host[name] = None
+                continue
+            host[name] = self.flat[offset:offset + shape.numel()].view(shape)
+            offset += shape.numel()
+        return BatchScores(
+            logits=host["logits"], embedding=host["embedding"], pred=host["pred"].long(),
+            confidence=host["confidence"], margin=host["margin"], entropy=host["entropy"], energy=host["energy"],
+            feat_norm=host["feat_norm"], indicators={k: host[f"indicator:{k}"] for k in self.indicators},
+        )
 
 
 def _final_linear(model: nn.Module) -> nn.Linear | None:
