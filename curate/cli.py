@@ -73,6 +73,9 @@ def score(
     autocast: Annotated[bool | None, typer.Option(help="bf16/fp16 autocast (default: on for CUDA, off on CPU)")] = None,
     channels_last: Annotated[bool, typer.Option(
         help="channels-last memory format for convolutions")] = ScoreConfig.channels_last,
+    decode: Annotated[str, typer.Option(help="where JPEGs of folder, webdataset and parquet pools are decoded: "
+                                        "workers (CPU processes), device (where the teacher runs: nvJPEG on "
+                                        "CUDA), auto (device on CUDA, else workers)")] = ScoreConfig.decode,
     reference_count: Annotated[int, typer.Option(help="noise images that standardise the indicators "
                                                       "(>= 64)")] = ScoreConfig.reference_count,
     executor: Annotated[str, typer.Option(help="local (this machine) or ray (a Ray actor pool; pip install "

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from curate.pools.base import Pool, SampleError, uid_of
+from curate.pools.base import Pool, SampleError, to_chw_uint8, uid_of
+from curate.pools.images import EncodedImagePool
+from curate.pools.jpeg_on_device import EncodedJpeg, decode_jpegs, is_jpeg
+from curate.spec import Geometry
 
 
 @dataclass
@@ -27,10 +30,38 @@ class PoolBatch:
     sources: list[str]
     keys: list[str]
     errors: list[tuple[int, str, str]]
+    # rows handed over as JPEG bytes, to be decoded where the teacher runs; ``images`` then holds the other
+    # rows, in row order
+    jpegs: list[EncodedJpeg] = field(default_factory=list)
 
     def pin_memory(self) -> PoolBatch:
         """Called by a DataLoader with ``pin_memory=True``: page-locked images copy to a GPU asynchronously."""
         return dataclasses.replace(self, images=self.images.pin_memory())
+
+    def on_device(self, device: torch.device, geometry: Geometry) -> PoolBatch:
+        """The batch with every image on ``device`` in ``geometry``: JPEGs still encoded are decoded there; one
+        that no decoder reads leaves the batch for its errors."""
+        images = self.images.to(device, non_blocking=True)
+        if not self.jpegs:
+            return dataclasses.replace(self, images=images)
+        decoded, failures = decode_jpegs(self.jpegs, geometry, device)
+        rows = len(self.indices)
+        encoded = torch.zeros(rows, dtype=torch.bool)
+        encoded[[jpeg.row for jpeg in self.jpegs]] = True
+        full = torch.empty((rows, *geometry.shape), dtype=torch.uint8, device=device)
+        if (~encoded).any():
+            full[(~encoded).to(device)] = images
+        failed = {number for number, _ in failures}
+        readable = [jpeg.row for number, jpeg in enumerate(self.jpegs) if number not in failed]
+        full[torch.tensor(readable, dtype=torch.int64, device=device)] = decoded
+        if not failures:
+            return dataclasses.replace(self, images=full, jpegs=[])
+        lost = {self.jpegs[number].row: reason for number, reason in failures}
+        keep = [row for row in range(rows) if row not in lost]
+        errors = [(int(self.indices[row]), self.uids[row], reason) for row, reason in lost.items()]
+        return PoolBatch(self.indices[keep], full[torch.tensor(keep, device=device)], self.labels[keep],
+                         [self.uids[row] for row in keep], [self.sources[row] for row in keep],
+                         [self.keys[row] for row in keep], self.errors + errors)
 
 
 class PoolItem(NamedTuple):
@@ -40,7 +71,7 @@ class PoolItem(NamedTuple):
     uid: str
     source: str
     key: str
-    image: torch.Tensor | None
+    image: torch.Tensor | EncodedJpeg | None  # a JPEG left encoded (see ``read_batch``), its row set at collation
     label: int  # -1 where the source has no label
     error: str | None = None
 
@@ -74,14 +105,17 @@ def collate_samples(items: list[PoolItem],
     one shape instead of once per image: torchvision's transforms cost tens of microseconds a call, as much
     as decoding a small PNG."""
     good = [item for item in items if item.image is not None]
+    decoded = [item for item in good if isinstance(item.image, torch.Tensor)]
     return PoolBatch(
         indices=torch.tensor([item.index for item in good], dtype=torch.int64),
-        images=_stack(good, transform) if good else torch.empty(0),
+        images=_stack(decoded, transform) if decoded else torch.empty(0),
         labels=torch.tensor([item.label for item in good], dtype=torch.int64),
         uids=[item.uid for item in good],
         sources=[item.source for item in good],
         keys=[item.key for item in good],
         errors=[(item.index, item.uid, item.error) for item in items if item.image is None],
+        jpegs=[dataclasses.replace(item.image, row=row) for row, item in enumerate(good)
+               if isinstance(item.image, EncodedJpeg)],
     )
 
 
@@ -100,19 +134,25 @@ def _stack(items: list[PoolItem], transform: Callable[[torch.Tensor], torch.Tens
     return out
 
 
-def read_batch(pool: Pool, positions: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor]) -> PoolBatch:
+def read_batch(pool: Pool, positions: Sequence[int], transform: Callable[[torch.Tensor], torch.Tensor],
+               jpegs_encoded: bool = False) -> PoolBatch:
     """The samples at ``positions`` collated in that order, ``transform`` applied to the batch (``Geometry``).
 
     Each part of the pool (itself, or the sources of a mix) that can read many records at once
     (:meth:`Pool.read_many`) is read so; the others sample by sample, errors reported as by ``PoolDataset``.
+    With ``jpegs_encoded``, JPEGs of encoded-image pools stay bytes for the device to decode
+    (``PoolBatch.on_device``).
     """
     positions = np.asarray(positions, dtype=np.int64)
     pieces, order = [], []
     for part, local, where in pool.parts(positions):
         bulk = part.read_many(local)
         if bulk is None:
-            dataset = PoolDataset(part, indices=local)  # raw images: the transform runs per shape group
-            items = [dataset[k]._replace(index=int(positions[w])) for k, w in enumerate(where)]
+            if jpegs_encoded and isinstance(part, EncodedImagePool):
+                items = [_keeping_jpeg(part, int(local[k]), int(positions[w])) for k, w in enumerate(where)]
+            else:
+                dataset = PoolDataset(part, indices=local)  # raw images: the transform runs per shape group
+                items = [dataset[k]._replace(index=int(positions[w])) for k, w in enumerate(where)]
             pieces.append(collate_samples(items, transform))
             order.append(where[[item.image is not None for item in items]])
             continue
@@ -128,22 +168,43 @@ def read_batch(pool: Pool, positions: Sequence[int], transform: Callable[[torch.
     return _in_order(pieces, np.argsort(np.concatenate(order), kind="stable"))
 
 
+def _keeping_jpeg(pool: EncodedImagePool, index: int, position: int) -> PoolItem:
+    """Sample ``index`` as ``PoolDataset`` gives it, except that a JPEG stays encoded."""
+    key = pool.key(index)
+    try:
+        data, label = pool.read_encoded(index)
+        image = EncodedJpeg(-1, torch.frombuffer(bytearray(data), dtype=torch.uint8), pool.decode, key) \
+            if is_jpeg(data) else to_chw_uint8(pool.decode(data, key))
+    except SampleError as err:
+        return PoolItem(position, pool.uid(index), "", "", None, -1, str(err))
+    return PoolItem(position, uid_of(pool.source, key), pool.source, key, image, -1 if label is None else label)
+
+
 def _in_order(pieces: list[PoolBatch], order: np.ndarray) -> PoolBatch:
     """Pieces read part by part, concatenated and put back in the order their positions were asked in."""
-    images = [p.images for p in pieces if len(p.indices)]
     pick = torch.from_numpy(order)
+    goes_to = np.empty_like(order)  # row of the concatenation -> row of the batch
+    goes_to[order] = np.arange(len(order))
+    jpegs, decoded_rows, offset = [], [], 0
+    for piece in pieces:
+        encoded = {jpeg.row for jpeg in piece.jpegs}
+        jpegs += [dataclasses.replace(jpeg, row=int(goes_to[offset + jpeg.row])) for jpeg in piece.jpegs]
+        decoded_rows += [goes_to[offset + row] for row in range(len(piece.indices)) if row not in encoded]
+        offset += len(piece.indices)
+    images = [p.images for p in pieces if len(p.images)]
 
     def reorder(values: list[str]) -> list[str]:
         return [values[i] for i in order]
 
     return PoolBatch(
         indices=torch.cat([p.indices for p in pieces])[pick],
-        images=torch.cat(images)[pick] if images else torch.empty(0),
+        images=torch.cat(images)[torch.from_numpy(np.argsort(decoded_rows))] if images else torch.empty(0),
         labels=torch.cat([p.labels for p in pieces])[pick],
         uids=reorder([u for p in pieces for u in p.uids]),
         sources=reorder([s for p in pieces for s in p.sources]),
         keys=reorder([k for p in pieces for k in p.keys]),
         errors=[e for p in pieces for e in p.errors],
+        jpegs=jpegs,
     )
 
 
@@ -151,12 +212,14 @@ class BatchedPoolDataset(Dataset):
     """``dataset[positions]`` -> the :class:`PoolBatch` of those positions. Give a DataLoader a batch sampler as
     its ``sampler`` with ``batch_size=None``: each worker then reads and transforms whole batches."""
 
-    def __init__(self, pool: Pool, transform: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, pool: Pool, transform: Callable[[torch.Tensor], torch.Tensor],
+                 jpegs_encoded: bool = False) -> None:
         self.pool = pool
         self.transform = transform
+        self.jpegs_encoded = jpegs_encoded
 
     def __getitem__(self, positions: Sequence[int]) -> PoolBatch:
-        return read_batch(self.pool, positions, self.transform)
+        return read_batch(self.pool, positions, self.transform, self.jpegs_encoded)
 
 
 def as_is(batch: PoolBatch) -> PoolBatch:

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from curate.errors import UserError
-from curate.pools.base import Pool, SampleError
-from curate.pools.images import DECODING_OPTIONS, Decoding
+from curate.pools.base import SampleError
+from curate.pools.images import DECODING_OPTIONS, Decoding, EncodedImagePool
 from curate.pools.registry import register
 from curate.pools.remote import Location, OpenFiles, digest, map_files, resolve_files
 
@@ -79,8 +79,7 @@ def class_names_of(schema: pa.Schema, label: str) -> list[str] | None:
 
 
 @register
-class ParquetImagePool(Pool):
-    cheap_to_read = False
+class ParquetImagePool(EncodedImagePool):
     kind = "parquet"
     summary = "Parquet tables with encoded images in a column (Hugging Face datasets, img2dataset), local or URLs"
     options = {
@@ -132,7 +131,7 @@ class ParquetImagePool(Pool):
         file, row = self._locate(index)
         return f"{self.files[file].basename}/{row}"
 
-    def read(self, index: int) -> tuple[np.ndarray, int | None]:
+    def read_encoded(self, index: int) -> tuple[bytes, int | None]:
         file, row = self._locate(index)
         group = int(np.searchsorted(self.group_starts[file], row, side="right")) - 1
         images, labels = self._row_group(file, group)
@@ -144,7 +143,7 @@ class ParquetImagePool(Pool):
         if not data:
             raise SampleError(f"no image bytes in column {self.column!r} of this row")
         label = None if labels is None or labels[at] is None else int(labels[at])
-        return self.decode(data, self.key(index)), label
+        return data, label
 
     def _row_group(self, file: int, group: int) -> tuple[pa.Array, list | None]:
         cache: OrderedDict = self.__dict__.setdefault("_groups", OrderedDict())

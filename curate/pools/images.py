@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import io
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -97,9 +98,25 @@ class Decoding:
         return np.asarray(center_square(decoded) if self.square == "crop" else decoded)
 
 
-@register
-class FolderPool(Pool):
+class EncodedImagePool(Pool):
+    """A pool whose samples are encoded image files (file, tar member or table cell): ``read_encoded`` gives a
+    sample's bytes, ``read`` decodes them on the CPU. Scoring on a GPU may take the bytes instead and decode
+    JPEGs there (curate/pools/jpeg_on_device.py)."""
+
     cheap_to_read = False
+    decode: Decoding
+
+    @abc.abstractmethod
+    def read_encoded(self, index: int) -> tuple[bytes, int | None]:
+        """The encoded bytes and label of sample ``index``; :class:`SampleError` when it has none."""
+
+    def read(self, index: int) -> tuple[np.ndarray, int | None]:
+        data, label = self.read_encoded(index)
+        return self.decode(data, self.key(index)), label
+
+
+@register
+class FolderPool(EncodedImagePool):
     kind = "folder"
     summary = "any tree of JPEG/PNG/WebP files, read recursively one file at a time"
     options = {
@@ -128,10 +145,13 @@ class FolderPool(Pool):
     def key(self, index: int) -> str:
         return self.files[index]
 
-    def read(self, index: int) -> tuple[np.ndarray, int | None]:
+    def read_encoded(self, index: int) -> tuple[bytes, int | None]:
         relative = self.files[index]
         label = self._class_index.get(relative.split("/")[0]) if "/" in relative else None
-        return self.decode(self.root / relative), label
+        try:
+            return (self.root / relative).read_bytes(), label
+        except OSError as err:
+            raise SampleError(f"cannot read {relative}: {err.strerror or err}") from None
 
     def describe(self) -> dict:
         return {**super().describe(), "root": str(self.root)}

@@ -24,9 +24,9 @@ import pyarrow.parquet as pq
 
 from curate.atomic import temporary_name
 from curate.errors import UserError
-from curate.pools.base import Pool, SampleError
+from curate.pools.base import SampleError
 from curate.pools.idx import cache_dir
-from curate.pools.images import DECODING_OPTIONS, Decoding
+from curate.pools.images import DECODING_OPTIONS, Decoding, EncodedImagePool
 from curate.pools.registry import register
 from curate.pools.remote import Location, OpenFiles, digest, map_files, resolve_files
 from curate.pools.tar_index import NotATar, list_members
@@ -127,8 +127,7 @@ def group_members(names: pa.StringArray, shard_of: np.ndarray, extensions: list[
 
 
 @register
-class WebDatasetPool(Pool):
-    cheap_to_read = False
+class WebDatasetPool(EncodedImagePool):
     kind = "webdataset"
     summary = "WebDataset tar shards (img2dataset, DataComp), local or at fsspec URLs (s3://, gs://, https://)"
     options = {
@@ -176,7 +175,7 @@ class WebDatasetPool(Pool):
         key = _KEY_FIELD_RE.match(self.names[first].as_py()).group(1)
         return f"{self.shards[self.member_shard[first]].basename}/{key}"
 
-    def read(self, index: int) -> tuple[np.ndarray, int | None]:
+    def read_encoded(self, index: int) -> tuple[bytes, int | None]:
         image, cls = int(self.samples.image[index]), int(self.samples.cls[index])
         if image < 0 and self.cut_short[index]:
             raise SampleError("the tar is truncated: this sample's image member is cut off")
@@ -191,7 +190,7 @@ class WebDatasetPool(Pool):
                 label = int(text.decode("ascii").strip())
             except (UnicodeDecodeError, ValueError):
                 raise SampleError(f"cls member is not an integer: {text[:40]!r}") from None
-        return self.decode(data, self.key(index)), label
+        return data, label
 
     def _fields(self, index: int) -> list[str]:
         """The field names of sample ``index`` (for its error message)."""

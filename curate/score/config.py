@@ -4,8 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from curate.options import at_least
+from curate.options import at_least, one_of
+
+if TYPE_CHECKING:
+    import torch
+
+DECODE_PLACES = ("auto", "workers", "device")
 
 
 @dataclass
@@ -25,6 +31,7 @@ class ScoreConfig:
     device: str = "auto"
     autocast: bool | None = None  # None: on CUDA only
     channels_last: bool = True
+    decode: str = "auto"  # where JPEGs of encoded-image pools are decoded; auto: on the device when it is CUDA
     reference_count: int = 2048
     seed: int = 0
     executor: str = "local"  # where the teacher runs (curate/score/executors); not part of the output's identity
@@ -36,3 +43,8 @@ class ScoreConfig:
                  num_actors=self.num_actors)
         at_least(0, workers=self.workers)
         at_least(64, reference_count=self.reference_count)
+        one_of(DECODE_PLACES, decode=self.decode)
+
+    def jpegs_on_device(self, device: torch.device) -> bool:
+        """Whether JPEGs reach the scoring process encoded, to be decoded on ``device``."""
+        return self.decode == "device" or (self.decode == "auto" and device.type == "cuda")

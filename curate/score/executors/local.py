@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
-import torch
 from torch.utils.data import DataLoader
 
 from curate.device import DeviceFeed
@@ -26,29 +24,28 @@ class LocalExecutor:
         scorer = BatchScorer(job.forward, job.reference, job.schema)
         plan = PositionBatches(job.todo, cfg.batch_size)
         workers = cfg.workers if cfg.workers is not None else (0 if job.pool.cheap_to_read else os.cpu_count() or 1)
+        device = job.forward.device
+        geometry = job.teacher.spec.geometry()
         loader = DataLoader(
-            BatchedPoolDataset(job.pool, job.teacher.spec.geometry()),
+            BatchedPoolDataset(job.pool, geometry, cfg.jpegs_on_device(device)),
             sampler=plan,
             batch_size=None,
             num_workers=workers,
             collate_fn=as_is,
             prefetch_factor=4 if workers > 0 else None,
-            pin_memory=job.forward.device.type == "cuda",
+            pin_memory=device.type == "cuda",
         )
+        feed = DeviceFeed(loader, lambda batch, to: batch.on_device(to, geometry), device)
         # One batch in flight: batch i+1's pass is queued before batch i's rows are built (on a GPU the two
         # overlap; on the CPU this is the same work in the same order).
         in_flight: tuple | None = None
-        for positions, batch in zip(plan, DeviceFeed(loader, _images_to, job.forward.device)):
+        for positions, batch in zip(plan, feed):
             launched = (positions, batch, scorer.launch(batch))
             if in_flight is not None:
                 yield _scored(*in_flight, cfg.shard_rows)
             in_flight = launched
         if in_flight is not None:
             yield _scored(*in_flight, cfg.shard_rows)
-
-
-def _images_to(batch: PoolBatch, device: torch.device) -> PoolBatch:
-    return dataclasses.replace(batch, images=batch.images.to(device, non_blocking=True))
 
 
 def _scored(positions: range, batch: PoolBatch, rows: Callable[[], pa.RecordBatch | None],

@@ -103,13 +103,15 @@ class BatchActor:
                             "same path on every node")
         self.pool = open_pool(cfg.pool, cfg.root, cfg.pool_options)
         self.geometry = teacher.spec.geometry()
+        self.device, self.jpegs_encoded = device, cfg.jpegs_on_device(device)
         forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
         self.scorer = BatchScorer(forward, Reference.from_json(reference), schema)
 
     def __call__(self, work: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "errors": [], "samples": []}
         for shard, start, stop in zip(work["shard"], work["start"], work["stop"]):
-            batch = read_batch(self.pool, range(int(start), int(stop)), self.geometry)
+            batch = read_batch(self.pool, range(int(start), int(stop)), self.geometry, self.jpegs_encoded)
+            batch = batch.on_device(self.device, self.geometry)
             rows = self.scorer(batch)
             out["shard"].append(int(shard))
             out["rows"].append(b"" if rows is None else _to_ipc(rows))
