@@ -107,11 +107,14 @@ def jpeg_folder(folder: Path, small: bool, device: torch.device) -> dict:
             resident(batch)
         synchronize(device)
         row = {"images": count, "bare_forward_img_s": round(repeats * len(batch) / (time.perf_counter() - began))}
-    for workers in [0] if small else [0, 8, 15]:
-        rate = pipeline(teacher, photos, folder / f"scored-jpeg-{workers}", 16 if small else 256, workers, 256,
-                        pool="folder", device=device.type)
-        row[f"curate_score_workers_{workers}_img_s"] = round(rate)
-        row[f"ratio_workers_{workers}"] = round(rate / row["bare_forward_img_s"], 3)
+    # decoded by the worker processes on the host (the CPU path), then on the device (--decode device, the
+    # default on CUDA: workers only read the files)
+    for decode, workers in [("workers", 0), ("device", 0)] if small else \
+            [("workers", 0), ("workers", 8), ("workers", 15), ("device", 4), ("device", 8)]:
+        rate = pipeline(teacher, photos, folder / f"scored-jpeg-{decode}-{workers}", 16 if small else 256, workers,
+                        256, pool="folder", device=device.type, decode=decode)
+        row[f"curate_score_decode_{decode}_workers_{workers}_img_s"] = round(rate)
+        row[f"ratio_decode_{decode}_workers_{workers}"] = round(rate / row["bare_forward_img_s"], 3)
     print("resnet50 224 jpeg folder", row, flush=True)
     return row
 

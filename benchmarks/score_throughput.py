@@ -100,11 +100,12 @@ def bare_forward(teacher: Path, images: Path, batch_size: int) -> float:
 
 
 def pipeline(teacher: Path, images: Path, out: Path, batch_size: int, workers: int | None,
-             reference_count: int, pool: str = "npy", device: str = "auto") -> float:
+             reference_count: int, pool: str = "npy", device: str = "auto", decode: str = "auto") -> float:
     """Images/s of `curate score` end to end, from the pool on disk to Parquet on disk (noise reference included)."""
     start = time.perf_counter()
     summary = score_pool(ScoreConfig(teacher=teacher, pool=pool, root=images, out=out, batch_size=batch_size,
-                                     workers=workers, reference_count=reference_count, device=device))
+                                     workers=workers, reference_count=reference_count, device=device,
+                                     decode=decode))
     return summary.rows / (time.perf_counter() - start)
 
 
