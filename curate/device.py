@@ -43,6 +43,12 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
 
 
+def tensors_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """A batch as a dict with its tensors on ``device`` (from pinned memory on CUDA: without blocking)."""
+    return {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+            for name, value in batch.items()}
+
+
 def _tensors(batch: Any) -> Iterator[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         yield batch

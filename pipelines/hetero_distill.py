@@ -47,15 +47,16 @@ from pipelines.design import (
     Run,
 )
 from pipelines.experiment_report import last_metrics, write_experiment_report
-from pipelines.steps import Step, StepRunner, console
+from pipelines.steps import Lanes, Step, StepRunner, console
 
 
 class Experiment:
     """The experiment's steps for one design, in order; each is one `curate`/`train` command."""
 
-    def __init__(self, design: Design) -> None:
+    def __init__(self, design: Design, lanes: Lanes) -> None:
         self.design = design
         self.runner = StepRunner(design.out)
+        self.lanes = lanes  # students of one stage train this many at once
 
     def root_options(self, flag: str = "--root") -> list[str]:
         return [flag, str(self.design.root)] if self.design.root else []
@@ -124,6 +125,7 @@ class Experiment:
 
     def distill(self, runs: list[Run]) -> None:
         d, p = self.design, self.design.profile
+        steps = []
         for run in runs:
             options = ["--weighting", "sample"] if run.data == "related" else []  # each predicted class equally often
             options += run.recipe.options(d.teacher(run.teacher))
@@ -134,8 +136,9 @@ class Experiment:
                     "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
                     *self.root_options("--eval-root")]
             name = f"distill-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
-            self.runner.run(Step(name, "distill", argv, resume_with=["--resume"],
-                                 resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
+            steps.append(Step(name, "distill", argv, resume_with=["--resume"],
+                              resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
+        self.runner.run_at_once(steps, self.lanes)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -143,10 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<profile>)")
     parser.add_argument("--root", type=Path, default=None, help="data folder (default $CURATE_DATA or ./data)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="students trained at once, each in its own process with an equal share of the cores "
+                             "(default: one per core, at most 4, on a CPU; 1 on a GPU)")
     args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     profile = PROFILES[args.profile]
     design = Design(profile, args.out or Path("results") / profile.name, args.root)
-    experiment = Experiment(design)
+    experiment = Experiment(design, Lanes.for_this_machine(args.jobs))
     (design.out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
     try:
         for t in profile.teachers:

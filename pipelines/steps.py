@@ -1,4 +1,5 @@
-"""Resumable pipelines: a list of steps, each one command of `curate` or `train`, run in this process.
+"""Resumable pipelines: a list of steps, each one command of `curate` or `train`, run in this process (or,
+for independent steps, several at once in processes of their own: ``StepRunner.run_at_once``).
 
 A step is the exact command line a person would type; the pipeline runs it through the same entry point
 (so what the report lists is what ran) and drops a completion marker ``<out>/.done/<step>`` when it
@@ -10,8 +11,14 @@ file, a selection, a shard folder) counts as done when that output is there.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
+import os
 import shlex
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +29,7 @@ from rich.console import Console
 from curate.errors import UserError
 
 console = Console(stderr=True)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass
@@ -54,6 +62,34 @@ def run_command(argv: Sequence[str]) -> None:
                             "fix it and run the pipeline again to continue") from None
 
 
+@dataclass(frozen=True)
+class Lanes:
+    """How many independent steps run at once, and the compute threads each gets."""
+
+    count: int
+    threads: int
+
+    @classmethod
+    def for_this_machine(cls, jobs: int | None = None) -> Lanes:
+        """``jobs`` at once (default: one per core, at most 4, on a CPU; one on a GPU, which the steps would
+        share), the cores split evenly between them."""
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        count = jobs or (1 if torch.cuda.is_available() else min(cores, 4))
+        return cls(count, max(1, cores // count))
+
+
+def _die_with_parent() -> None:
+    """In a step's process before it starts: end with the pipeline (Linux), so a killed pipeline leaves no
+    step running that its rerun would find holding the run folder's lock."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
 class StepRunner:
     """Runs steps in order, skipping those with a completion marker; wall time per stage is kept in
     ``<out>/.done/timings.json`` across interrupted runs."""
@@ -82,6 +118,63 @@ class StepRunner:
         console.print(f"{step.name} done in {seconds:.1f} s", style="dim")
         self.add_time(step.stage, seconds)
         (self.markers / step.name).write_text(step.command + "\n")
+
+    def run_at_once(self, steps: list[Step], lanes: Lanes) -> None:
+        """Run independent steps ``lanes.count`` at a time, each as its own process (``python -m curate|train``
+        with the same command line) with ``lanes.threads`` compute threads, its output in ``<out>/logs/``.
+        On a small CPU two single-threaded distillations get through more steps than one using both cores
+        (a step of a small network does not split well over threads). One lane runs the steps in order, in
+        this process."""
+        if lanes.count == 1:
+            for step in steps:
+                self.run(step)
+            return
+        self.commands += [step.command for step in steps]
+        todo = [step for step in steps if not self.done(step)]
+        if not todo:
+            return
+        logs = self.markers.parent / "logs"
+        logs.mkdir(exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(lanes.threads), "MKL_NUM_THREADS": str(lanes.threads)}
+        running: dict[subprocess.Popen, tuple[Step, float, Path]] = {}
+        failed: list[tuple[Step, Path]] = []
+        started = time.perf_counter()
+        console.rule(f"[bold]{todo[0].stage}[/]: {len(todo)} steps, {lanes.count} at a time, "
+                     f"{lanes.threads} thread(s) each; output in {logs}")
+        try:
+            while todo or running:
+                while todo and len(running) < lanes.count and not failed:
+                    step = todo.pop(0)
+                    argv = step.argv + (step.resume_with if step.resumable() else [])
+                    log = logs / f"{step.name}.log"
+                    with open(log, "a") as sink:
+                        process = subprocess.Popen([sys.executable, "-m", *argv], stdout=sink,
+                                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                                   preexec_fn=_die_with_parent)
+                    running[process] = (step, time.perf_counter(), log)
+                    console.print(f"started {step.name}: {shlex.join(argv)}", style="dim", soft_wrap=True)
+                if not todo or failed or len(running) >= lanes.count:
+                    time.sleep(0.5)
+                for process in [p for p in running if p.poll() is not None]:
+                    step, began, log = running.pop(process)
+                    if process.returncode == 0:
+                        (self.markers / step.name).write_text(step.command + "\n")
+                        console.print(f"{step.name} done in {time.perf_counter() - began:.1f} s", style="dim")
+                    else:
+                        failed.append((step, log))
+                if failed and not running:
+                    todo = []
+        finally:
+            for process in running:
+                process.terminate()
+            for process in running:
+                process.wait()
+            self.add_time(steps[0].stage, time.perf_counter() - started)  # wall time of the stage, not the sum
+        if failed:
+            step, log = failed[0]
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise UserError(f"`{step.command}` failed; the end of {log}:\n" + "\n".join(tail) +
+                            "\nfix it and run the pipeline again to continue")
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from curate.device import DeviceFeed
+from curate.device import DeviceFeed, tensors_to
 from curate.errors import UserError
 from curate.locks import FolderLock
 from curate.models import build_model, channels_last_is_safe
@@ -93,12 +93,6 @@ class DistillStep(torch.nn.Module):
                 teacher_embedding: torch.Tensor | None) -> tuple[LossTerms, torch.Tensor]:
         logits = self.student.classifier(features := self.embed(inputs))
         return self.loss_fn(logits.float(), targets, weights, features, teacher_embedding), logits
-
-
-def on_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """A reader batch with its tensors on ``device`` (on CUDA, copied from pinned memory without blocking)."""
-    return {name: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
-            for name, value in batch.items()}
 
 
 # -- the trainer -----------------------------------------------------------------------------------------------
@@ -205,7 +199,7 @@ class Trainer:
                                lambda: state.scheduler.get_last_lr()[0], state.history)
         with logger:
             state.student.train()
-            for batch in DeviceFeed(loader, on_device, self.device):
+            for batch in DeviceFeed(loader, tensors_to, self.device):
                 terms, logits, targets, rows = self.train_step(batch)
                 if recorder is not None:
                     recorder.write(state.step, batch["key"][0], rows.cpu())
