@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from curate.device import to_device
 from curate.pools.base import Pool, SampleError, to_chw_uint8, uid_of
 from curate.pools.images import EncodedImagePool
 from curate.pools.jpeg_on_device import EncodedJpeg, decode_jpegs, is_jpeg
@@ -46,14 +47,13 @@ class PoolBatch:
             return dataclasses.replace(self, images=images)
         decoded, failures = decode_jpegs(self.jpegs, geometry, device)
         rows = len(self.indices)
-        encoded = torch.zeros(rows, dtype=torch.bool)
-        encoded[[jpeg.row for jpeg in self.jpegs]] = True
-        full = torch.empty((rows, *geometry.shape), dtype=torch.uint8, device=device)
-        if (~encoded).any():
-            full[(~encoded).to(device)] = images
+        encoded = {jpeg.row for jpeg in self.jpegs}
         failed = {number for number, _ in failures}
-        readable = [jpeg.row for number, jpeg in enumerate(self.jpegs) if number not in failed]
-        full[torch.tensor(readable, dtype=torch.int64, device=device)] = decoded
+        full = torch.empty((rows, *geometry.shape), dtype=torch.uint8, device=device)
+        for where, values in (([row for row in range(rows) if row not in encoded], images),
+                              ([jpeg.row for number, jpeg in enumerate(self.jpegs) if number not in failed], decoded)):
+            if where:
+                full[to_device(torch.tensor(where, dtype=torch.int64), device)] = values
         if not failures:
             return dataclasses.replace(self, images=full, jpegs=[])
         lost = {self.jpegs[number].row: reason for number, reason in failures}

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from curate.device import to_device
 from curate.pools.base import SampleError, to_chw_uint8
 from curate.pools.images import Decoding
 from curate.spec import Geometry
@@ -71,7 +72,7 @@ def decode_jpegs(jpegs: list[EncodedJpeg], geometry: Geometry,
     slot = {n: k for k, n in enumerate(kept)}
     for numbers in groups.values():  # one resize per shape: crawls repeat a few sizes
         converted = geometry(torch.stack([ready[n] for n in numbers]))
-        out[torch.tensor([slot[n] for n in numbers], device=device)] = converted
+        out[to_device(torch.tensor([slot[n] for n in numbers]), device)] = converted
     return out, failures
 
 
