@@ -45,6 +45,10 @@ class Step:
     def command(self) -> str:
         return shlex.join(self.argv)
 
+    def argv_now(self) -> list[str]:
+        """The command line to run now: with ``resume_with`` when a cut-short run is there to continue."""
+        return self.argv + (self.resume_with if self.resumable() else [])
+
 
 def run_command(argv: Sequence[str]) -> None:
     """Run ``curate ...`` or ``train ...`` in this process; a failing command raises :class:`UserError`."""
@@ -109,7 +113,7 @@ class StepRunner:
         self.commands.append(step.command)
         if self.done(step):
             return
-        argv = step.argv + (step.resume_with if step.resumable() else [])
+        argv = step.argv_now()
         console.rule(f"[bold]{step.stage}[/]: {step.name}")
         console.print(shlex.join(argv), style="dim", soft_wrap=True)
         started = time.perf_counter()
@@ -117,6 +121,9 @@ class StepRunner:
         seconds = time.perf_counter() - started
         console.print(f"{step.name} done in {seconds:.1f} s", style="dim")
         self.add_time(step.stage, seconds)
+        self.mark_done(step)
+
+    def mark_done(self, step: Step) -> None:
         (self.markers / step.name).write_text(step.command + "\n")
 
     def run_at_once(self, steps: list[Step], lanes: Lanes) -> None:
@@ -145,7 +152,7 @@ class StepRunner:
             while todo or running:
                 while todo and len(running) < lanes.count and not failed:
                     step = todo.pop(0)
-                    argv = step.argv + (step.resume_with if step.resumable() else [])
+                    argv = step.argv_now()
                     log = logs / f"{step.name}.log"
                     with open(log, "a") as sink:
                         process = subprocess.Popen([sys.executable, "-m", *argv], stdout=sink,
@@ -158,7 +165,7 @@ class StepRunner:
                 for process in [p for p in running if p.poll() is not None]:
                     step, began, log = running.pop(process)
                     if process.returncode == 0:
-                        (self.markers / step.name).write_text(step.command + "\n")
+                        self.mark_done(step)
                         console.print(f"{step.name} done in {time.perf_counter() - began:.1f} s", style="dim")
                     else:
                         failed.append((step, log))
