@@ -84,14 +84,16 @@ class Lanes:
         return cls(count, max(1, cores // count))
 
 
-def _die_with_parent() -> None:
-    """In a step's process before it starts: end with the pipeline (Linux), so a killed pipeline leaves no
-    step running that its rerun would find holding the run folder's lock."""
+def parent_death_signal() -> Callable[[], None] | None:
+    """A function for a step's process to run before it starts, so that it ends with the pipeline (Linux:
+    PR_SET_PDEATHSIG) and a killed pipeline leaves no step running that its rerun would find holding the run
+    folder's lock; None where the C library has no prctl. The library is looked up here, in the parent: the
+    lookup may start a process (ldconfig), which is unsafe between fork and exec."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        prctl = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class StepRunner:
@@ -143,6 +145,7 @@ class StepRunner:
         logs = self.markers.parent / "logs"
         logs.mkdir(exist_ok=True)
         env = {**os.environ, "OMP_NUM_THREADS": str(lanes.threads), "MKL_NUM_THREADS": str(lanes.threads)}
+        die_with_parent = parent_death_signal()
         running: dict[subprocess.Popen, tuple[Step, float, Path]] = {}
         failed: list[tuple[Step, Path]] = []
         started = time.perf_counter()
@@ -157,7 +160,7 @@ class StepRunner:
                     with open(log, "a") as sink:
                         process = subprocess.Popen([sys.executable, "-m", *argv], stdout=sink,
                                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                                   preexec_fn=_die_with_parent)
+                                                   preexec_fn=die_with_parent)
                     running[process] = (step, time.perf_counter(), log)
                     console.print(f"started {step.name}: {shlex.join(argv)}", style="dim", soft_wrap=True)
                 if not todo or failed or len(running) >= lanes.count:
