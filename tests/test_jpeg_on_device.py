@@ -32,10 +32,17 @@ def jpeg(image: Image.Image, **options) -> bytes:
     return buffer.getvalue()
 
 
+def claiming(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose frame header (SOF0) claims another size than its data holds: a decompression bomb."""
+    at = data.index(b"\xff\xc0")
+    return data[:at + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big") + data[at + 9:]
+
+
 @pytest.fixture
 def mixed_pool(tmp_path: Path, rng) -> tuple[Path, int, int]:
     """A mix of an array source, a folder of JPEGs of several sizes and modes among a PNG and two unreadable
-    JPEGs, and a Parquet table of JPEG cells; returns the spec, the JPEG count and the unreadable count."""
+    JPEGs, and a Parquet table of JPEG cells; returns the spec, the count of JPEGs the device decoder is handed
+    (not the junk nor the bomb: their headers do not parse or claim too many pixels) and the unreadable count."""
     photo = Image.open(PHOTO).convert("RGB")
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -49,6 +56,7 @@ def mixed_pool(tmp_path: Path, rng) -> tuple[Path, int, int]:
         "icon.png": (lambda b: (photo.resize((30, 30)).save(b, "PNG"), b.getvalue())[1])(io.BytesIO()),
         "cut.jpg": jpeg(photo)[:5000],
         "junk.jpg": b"\xff\xd8\xff" + b"not a jpeg" * 20,
+        "bomb.jpg": claiming(jpeg(photo.resize((16, 16))), 60000, 60000),  # 3.6 gigapixels
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -67,7 +75,7 @@ root = "{folder}"
 kind = "parquet"
 files = ["{tmp_path / 'table.parquet'}"]
 """)
-    return spec, 6 + 2 + len(cells), 2
+    return spec, 6 + 1 + len(cells), 3
 
 
 @pytest.mark.parametrize("spec", [InputSpec(1, 28, (0.5,), (0.5,)), InputSpec(3, 32, (0.5,) * 3, (0.5,) * 3),
@@ -80,7 +88,8 @@ def test_jpegs_decoded_on_the_device_give_the_workers_rows(mixed_pool, spec: Inp
     geometry = spec.geometry()
     on_workers = read_batch(pool, positions, geometry)
     handed_over = read_batch(pool, positions, geometry, jpegs_encoded=True)
-    assert len(handed_over.jpegs) == jpegs  # every JPEG, readable or not, left to the device
+    assert len(handed_over.jpegs) == jpegs  # every JPEG whose header is sound, readable or not, left to the device
+    assert not any(jpeg.name.endswith(("junk.jpg", "bomb.jpg")) for jpeg in handed_over.jpegs)
     on_device = handed_over.on_device(torch.device("cpu"), geometry)
 
     assert torch.equal(on_device.indices, on_workers.indices)

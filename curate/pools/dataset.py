@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from curate.device import to_device
 from curate.pools.base import Pool, SampleError, to_chw_uint8, uid_of
 from curate.pools.images import EncodedImagePool
-from curate.pools.jpeg_on_device import EncodedJpeg, decode_jpegs, is_jpeg
+from curate.pools.jpeg_on_device import EncodedJpeg, decode_jpegs, for_the_device
 from curate.spec import Geometry
 
 
@@ -174,7 +174,7 @@ def _keeping_jpeg(pool: EncodedImagePool, index: int, position: int) -> PoolItem
     try:
         data, label = pool.read_encoded(index)
         image = EncodedJpeg(-1, torch.frombuffer(bytearray(data), dtype=torch.uint8), pool.decode, key) \
-            if is_jpeg(data) else to_chw_uint8(pool.decode(data, key))
+            if for_the_device(data) else to_chw_uint8(pool.decode(data, key))
     except SampleError as err:
         return PoolItem(position, pool.uid(index), "", "", None, -1, str(err))
     return PoolItem(position, uid_of(pool.source, key), pool.source, key, image, -1 if label is None else label)

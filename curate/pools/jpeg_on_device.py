@@ -12,9 +12,13 @@ CPU in the scoring process; one that no decoder reads is reported as an unreadab
 
 from __future__ import annotations
 
+import io
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from curate.device import to_device
@@ -25,8 +29,20 @@ from curate.spec import Geometry
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker and the first segment's marker
 
 
-def is_jpeg(data: bytes) -> bool:
-    return data[:3] == JPEG_MAGIC
+def for_the_device(data: bytes) -> bool:
+    """Whether ``data`` is a JPEG to hand to the device decoder: its header parses and claims no more pixels
+    than Pillow's decompression-bomb limit. The device decoder has no such limit, and a crafted header could
+    make it allocate gigabytes; whatever fails here goes to the CPU decoder, which reports it."""
+    if data[:3] != JPEG_MAGIC:
+        return False
+    try:
+        with warnings.catch_warnings():  # a size over the limit is this function's answer, not a warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        with image:
+            return image.format == "JPEG" and image.width * image.height <= (Image.MAX_IMAGE_PIXELS or math.inf)
+    except Exception:  # noqa: BLE001 - untrusted bytes: any failure means the CPU decoder's verdict
+        return False
 
 
 @dataclass
