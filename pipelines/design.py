@@ -33,12 +33,13 @@ class Profile:
     seeds: tuple[int, ...]  # student seeds, per teacher
     ablation: bool  # one ingredient at a time, which also chooses the recipe of `related+signal`
     holdout: float = 0.05  # shard rows kept out of training, where agreement with the teacher is measured
+    test_limit: int | None = None  # test images of the final figures (None: all 10,000)
 
 
 PROFILES = {
     "quick": Profile("quick", pool_scale=0.05, original_scale=0.1, teacher_epochs=2, teacher_limit=6000, budget=2000,
                      student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, teachers=(0,),
-                     seeds=(1,), ablation=False),
+                     seeds=(1,), ablation=False, test_limit=2000),
     "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None,
                        budget=20000, student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000,
                        teachers=(0,), seeds=(1,), ablation=False),

@@ -55,7 +55,7 @@ class TestSet:
             device = pick_device("auto")
             teacher = load_teacher(self.design.teacher(t), device=device)
             self.evaluators[t] = Evaluator(TEST_SET, self.design.root, teacher.spec, teacher.num_classes, teacher,
-                                           device, batch_size=1000)
+                                           device, limit=self.design.profile.test_limit)
         return self.evaluators[t]
 
     def teacher_accuracy(self, t: int) -> float:
@@ -250,15 +250,16 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
     teacher_data = f"{p.teacher_limit:,} images of the first half" if p.teacher_limit else "the first half"
     original = results["arms"]["original"]["original"]
     teachers = results["teacher_accuracies"]
+    test_images = f"a seeded {p.test_limit:,}-image subset" if p.test_limit else "all"
     students = f"{len(p.teachers)} teacher{'s' if len(p.teachers) > 1 else ''} x {len(p.seeds)} student " \
                f"seed{'s' if len(p.seeds) > 1 else ''}"
     lines = [f"# Distilling a Fashion-MNIST teacher from heterogeneous pools (profile `{p.name}`)", "",
              f"Teacher: resnet8 on {teacher_data} of Fashion-MNIST train ({len(teachers)} seed"
              f"{'s' if len(teachers) > 1 else ''}), **{_pct(results['teacher_accuracy'])}**{_spread(teachers)} "
              f"test accuracy. Student: resnet8 at width {p.student_width}, {p.steps:,} steps of {p.batch_size} "
-             f"for every arm, {100 * p.holdout:.0f}% of its shard rows held out. Test: Fashion-MNIST's 10,000 test "
-             f"images (curves: a seeded {p.eval_limit:,}-image subset). Figures: mean ± standard deviation over "
-             f"{students}.", "",
+             f"for every arm, {100 * p.holdout:.0f}% of its shard rows held out. Test: {test_images} of "
+             f"Fashion-MNIST's 10,000 test images (curves: a seeded {p.eval_limit:,}-image subset). Figures: mean ± "
+             f"standard deviation over {students}.", "",
              "| arm | pool | test accuracy | agreement with teacher | held-out KL | steps to 90% of original |",
              "|---|---|---:|---:|---:|---:|"]
     for arm in ARMS:

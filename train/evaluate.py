@@ -19,6 +19,12 @@ from train.data import labeled_batches, make_loader
 from train.losses import kd_per_sample
 from train.shards import ShardBatches, held_out_pairs
 
+# Evaluation batches: 128 images keep a small convnet's activations in the CPU's caches. Measured on the 2-core
+# machine, fp32, 10,000 28x28 images: a full-width resnet8 teacher 5,700-6,300 img/s at 128 against 2,000-2,400 at
+# 1,000, a half-width student 7,000-10,000 against 5,300-6,400. On a GPU the sets evaluated here are small enough
+# that the batch size hardly matters.
+EVAL_BATCH = 128
+
 
 @torch.inference_mode()
 def predictions(model: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
@@ -56,7 +62,7 @@ class Evaluator:
     on it; calling it on a model gives accuracy and, with a teacher, agreement with it."""
 
     def __init__(self, dataset: str, root: Path | None, spec: InputSpec, num_classes: int, teacher: Teacher | None,
-                 device: torch.device, limit: int | None = None, batch_size: int = 512) -> None:
+                 device: torch.device, limit: int | None = None, batch_size: int = EVAL_BATCH) -> None:
         pool = open_pool(dataset, root)
         first = next(iter(pool), None)
         if first is None or first.label is None:  # checked now, not at the first evaluation
@@ -98,7 +104,7 @@ class HeldOutAgreement:
     the one a recipe cannot inflate by training on the teacher's argmax (the hard-label term)."""
 
     def __init__(self, rows: dict[str, torch.Tensor], normalize: Callable[[torch.Tensor], torch.Tensor],
-                 device: torch.device, batch_size: int = 512) -> None:
+                 device: torch.device, batch_size: int = EVAL_BATCH) -> None:
         self.images = rows["pixels"].split(batch_size)
         self.teacher_logits = rows["logits"].float()
         self.teacher_preds = self.teacher_logits.argmax(1)
