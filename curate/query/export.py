@@ -116,6 +116,7 @@ def locate(scored: ScoredPool, pool, selection: pa.Table, with_embedding: bool) 
 
 
 PATH_KEYS = {"file", "files", "root", "fonts"}
+READ_CHUNK = 128  # pool positions per read task of the export's workers
 
 
 def without_paths(description: Any) -> Any:
@@ -218,7 +219,10 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows.num_rows, *spec.shape()))
     reserve_space(path)
     ordered = positions[read_order]
-    plan = [ordered[start:start + cfg.row_group_rows] for start in range(0, len(ordered), cfg.row_group_rows)]
+    # Small read chunks, dealt to the workers in turn: where reading costs vary along the pool (a run of photo
+    # patches next to a run of cheap glyphs), large chunks leave one worker with most of the work. Neighbouring
+    # positions stay together, so a photo is still decoded about once.
+    plan = [ordered[start:start + READ_CHUNK] for start in range(0, len(ordered), READ_CHUNK)]
     loader = DataLoader(BatchedPoolDataset(pool, spec.geometry()), sampler=plan, batch_size=None, num_workers=workers,
                         collate_fn=as_is, prefetch_factor=4 if workers else None)
     columns = [TextColumn("[bold]reading the pool"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
