@@ -11,7 +11,6 @@ from rich.table import Table
 
 from curate.errors import run_app
 from curate.options import config_from
-from curate.pools import POOL_KINDS, parse_options
 from curate.query.config import ExportConfig, SelectConfig
 from curate.score.config import ScoreConfig
 
@@ -34,6 +33,8 @@ def pools() -> None:
     Use a kind as --pool KIND or --pool KIND:SPLIT, set options with
     --option NAME=VALUE, or mix sources in a TOML spec (see data/pools/).
     """
+    from curate.pools import POOL_KINDS
+
     table = Table(title="pool kinds", show_lines=True)
     table.add_column("kind", style="bold cyan", no_wrap=True)
     table.add_column("what it reads")
@@ -92,6 +93,7 @@ def score(
     Example: curate score --teacher teacher.pt --pool data/pools/related-hidden.toml --out scored/
     On a Ray cluster: curate score ... --executor ray --address HEAD:6379
     """
+    from curate.pools import parse_options
     from curate.score.runner import score_pool
 
     cfg = config_from(ScoreConfig, locals(), pool_options=parse_options(option or []))

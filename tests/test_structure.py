@@ -112,3 +112,12 @@ def test_the_trainer_reads_shards_without_duckdb():
     code = "import sys, train.cli, train.distill; print('duckdb' in sys.modules, 'faiss' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_query_commands_start_without_torch():
+    # `curate --help`, `curate sql` and `curate select` are DuckDB work: importing torch and torchvision would
+    # cost them seconds of start-up
+    code = ("import sys, curate.cli, curate.query.sql, curate.query.select, curate.query.report; "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.split() == ["False"]
