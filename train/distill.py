@@ -41,7 +41,7 @@ from train.augment import mix, random_crop_flip, step_generator
 from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
 from train.config import DistillConfig
-from train.evaluate import Evaluator, HeldOutAgreement
+from train.evaluate import EVAL_BATCH, Evaluator, HeldOutAgreement
 from train.losses import DistillLoss, LossTerms, balanced_class_weights
 from train.metrics import MetricsLogger, plot_curves
 from train.optim import build_optimizer, cosine_with_warmup, mixed_precision
@@ -176,8 +176,10 @@ class Trainer:
         """The teacher's logits on the views (online) or its stored logits on the rows."""
         if self.teacher is None:
             return batch["logits"]
+        # On a CPU the teacher runs on slices of 128 views, whose activations stay in the caches
+        chunks = inputs.split(EVAL_BATCH) if inputs.device.type == "cpu" else (inputs,)
         with torch.inference_mode():
-            targets = self.teacher.model(inputs).float()
+            targets = torch.cat([self.teacher.model(chunk).float() for chunk in chunks])
         return targets.clone()  # out of inference mode, so autograd may use it
 
     def evaluate(self) -> dict[str, float]:
