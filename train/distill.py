@@ -85,8 +85,7 @@ class DistillStep(torch.nn.Module):
 
     def __init__(self, student: torch.nn.Module, loss_fn: DistillLoss, compile: bool) -> None:
         super().__init__()
-        self.student = student
-        self.loss_fn = loss_fn
+        self.student, self.loss_fn = student, loss_fn
         self.embed = torch.compile(student.features) if compile else student.features  # the head stays eager
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
@@ -173,13 +172,12 @@ class Trainer:
         return terms, logits, targets, batch["index"]
 
     def targets(self, inputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """The teacher's logits on the views (online) or its stored logits on the rows."""
+        """The teacher's logits on the views (online; on a CPU in cache-sized slices) or its stored logits."""
         if self.teacher is None:
             return batch["logits"]
-        # On a CPU the teacher runs on slices of 128 views, whose activations stay in the caches
-        chunks = inputs.split(EVAL_BATCH) if inputs.device.type == "cpu" else (inputs,)
+        slices = inputs.split(EVAL_BATCH) if inputs.device.type == "cpu" else (inputs,)
         with torch.inference_mode():
-            targets = torch.cat([self.teacher.model(chunk).float() for chunk in chunks])
+            targets = torch.cat([self.teacher.model(views).float() for views in slices])
         return targets.clone()  # out of inference mode, so autograd may use it
 
     def evaluate(self) -> dict[str, float]:
