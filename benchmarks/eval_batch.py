@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     torch.manual_seed(0)
     images = torch.randn(2000 if args.quick else 10000, 1, 28, 28)
     models = {"teacher resnet8": build_model("resnet8", 10, 1, 28).eval(),
