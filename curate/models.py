@@ -219,3 +219,12 @@ def channels_last_is_safe(model: nn.Module, device: torch.device) -> bool:
         return True
     return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 8
                    for m in model.modules())
+
+
+def final_linear(model: nn.Module) -> nn.Linear | None:
+    """The layer that maps penultimate features to logits: ``model.classifier`` or the last nn.Linear."""
+    classifier = getattr(model, "classifier", None)
+    if isinstance(classifier, nn.Linear):
+        return classifier
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None

@@ -5,12 +5,15 @@ without labels."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
+from curate.errors import UserError
 from curate.selected import CuratedShards
 from curate.teachers import load_teacher
 from train.adaptive import hardest_within_classes
@@ -18,6 +21,7 @@ from train.augment import mix
 from train.boundary import BoundaryViews
 from train.distill import DistillConfig, distill
 from train.losses import balanced_class_weights
+from train.online import OnlineTeacher
 from train.row_audit import read_recorded_rows
 from train.shards import EpochPlan, held_out_rows
 
@@ -97,6 +101,36 @@ def test_boundary_views_move_a_share_of_the_batch_toward_random_teacher_classes(
 
     assert (margin(after) > margin(before)).float().mean() > 0.9
     assert BoundaryViews.of(0.0, teacher, teacher.spec, teacher.num_classes) is None
+
+
+def test_online_teacher_hands_over_its_features_on_the_views_it_labels(teacher_path: Path, selected: Path,
+                                                                          tmp_path: Path) -> None:
+    teacher = load_teacher(teacher_path)
+    teacher.model.eval()
+    side = teacher.spec.image_size
+    views = torch.rand(300, teacher.spec.in_channels, side, side, generator=torch.Generator().manual_seed(0))
+    logits, features = OnlineTeacher(teacher, with_features=True)(views)  # 300 views: three CPU slices
+    with torch.no_grad():
+        expected = teacher.model.features(views)
+        assert torch.allclose(logits, teacher.model.classifier(expected), atol=1e-5)
+    assert torch.allclose(features, expected, atol=1e-5)
+    assert not features.is_inference()  # autograd may use it in the loss
+    assert OnlineTeacher(teacher, with_features=False)(views)[1] is None
+    # feature matching on the online teacher's features needs no stored embedding: shards exported without it
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for path in selected.iterdir():
+        if path.suffix == ".parquet":
+            pq.write_table(pq.read_table(path).drop_columns(["embedding"]), plain / path.name)
+        elif path.is_file():
+            shutil.copy(path, plain / path.name)
+    assert CuratedShards.open(plain).embedding_dim is None
+    cfg = DistillConfig(shards=plain, out=tmp_path / "run", teacher=teacher_path, cutmix=1.0, feature_weight=1.0,
+                        steps=4, batch_size=32, log_every=2, width=0.25, workers=0, device="cpu")
+    assert [r["step"] for r in distill(cfg)["history"]] == [2, 4]
+    stored = DistillConfig(**{**cfg.__dict__, "teacher": None, "cutmix": 0.0, "out": tmp_path / "stored"})
+    with pytest.raises(UserError, match=r"--embedding\) or the teacher online"):
+        distill(stored)
 
 
 def test_held_out_rows_are_fixed_and_never_planned(selected: Path) -> None:

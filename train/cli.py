@@ -88,7 +88,8 @@ def distill(
     hard_weight: Annotated[float, typer.Option(
         help="weight of cross-entropy to the teacher's argmax")] = DistillConfig.hard_weight,
     feature_weight: Annotated[float, typer.Option(
-        help="weight of matching the teacher embedding (needs shards exported with --embedding)"
+        help="weight of matching the teacher's penultimate features through a learned projection: with "
+             "--teacher its features on each view, else the embedding stored with the shards (export --embedding)"
     )] = DistillConfig.feature_weight,
     weighting: Annotated[str, typer.Option(help="use the weight column: loss (weighted loss), sample "
                                                  "(sampling probabilities) or none")] = DistillConfig.weighting,

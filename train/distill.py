@@ -41,9 +41,10 @@ from train.augment import mix, random_crop_flip, step_generator
 from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
 from train.config import DistillConfig
-from train.evaluate import EVAL_BATCH, Evaluator, HeldOutAgreement
+from train.evaluate import Evaluator, HeldOutAgreement
 from train.losses import DistillLoss, LossTerms, balanced_class_weights
 from train.metrics import MetricsLogger, plot_curves
+from train.online import OnlineTeacher, feature_target_dim
 from train.optim import build_optimizer, cosine_with_warmup, mixed_precision
 from train.ranks import Ranks, gather, init_ranks, rank_device
 from train.row_audit import RowRecorder
@@ -67,6 +68,7 @@ def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.devic
     return teacher
 
 
+
 def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks,
                  held_out: np.ndarray | None) -> ShardBatches:
     rows_per_rank = round(cfg.batch_size // ranks.world * cfg.candidates)  # rows read per step
@@ -77,7 +79,7 @@ def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks,
     plan_for = functools.partial(EpochPlan, shards, rows_per_rank, cfg.seed, rank=ranks.rank,
                                  world=ranks.world, lanes=cfg.lanes, window_groups=cfg.window_groups,
                                  weighted=cfg.weighting == "sample", held_out=held_out)
-    return ShardBatches(shards, plan_for, with_embedding=cfg.feature_weight > 0)
+    return ShardBatches(shards, plan_for, with_embedding=cfg.feature_weight > 0 and cfg.teacher is None)
 
 
 class DistillStep(torch.nn.Module):
@@ -106,8 +108,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.device = device = rank_device(cfg.device, ranks)
         self.shards = shards = CuratedShards.open(cfg.shards)
-        if cfg.feature_weight > 0 and shards.embedding_dim is None:
-            raise UserError("--feature-weight needs teacher embeddings in the shards: export with --embedding")
         self.spec = InputSpec.from_meta(shards.manifest["input_spec"])
         self.normalize = self.spec.normalize()
         self.steps = cfg.total_steps(shards.rows)
@@ -115,8 +115,9 @@ class Trainer:
         self.memory_format = torch.channels_last if channels_last_is_safe(student, device) else torch.contiguous_format
         student = student.to(device, memory_format=self.memory_format)
         self.teacher = build_teacher(cfg, shards, device)
+        self.online = OnlineTeacher.of(self.teacher, with_features=cfg.feature_weight > 0)
         loss_fn = DistillLoss(cfg.loss, cfg.temperature, cfg.hard_weight, cfg.feature_weight,
-                              student.classifier.in_features, shards.embedding_dim).to(device)
+                              student.classifier.in_features, feature_target_dim(cfg, shards, self.online)).to(device)
         optimizer = build_optimizer(cfg.optimizer, list(student.parameters()) + list(loss_fn.parameters()), cfg.lr,
                                     cfg.weight_decay)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps * 3 // 100)
@@ -153,16 +154,17 @@ class Trainer:
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             if self.boundary is not None:
                 inputs = self.boundary(inputs, generator)
-            targets = self.targets(inputs, batch)
+            targets, embedding = self.online(inputs) if self.online is not None else (batch["logits"],
+                                                                                        batch.get("embedding"))
             if self.pick is not None:
                 chosen = self.pick(state.student, inputs, targets)
                 inputs, targets = inputs[chosen], targets[chosen]
-                batch = {name: batch[name][chosen] for name in ("index", "weight", "embedding") if name in batch}
+                embedding = None if embedding is None else embedding[chosen]
+                batch = {name: batch[name][chosen] for name in ("index", "weight") if name in batch}
             weights = batch["weight"] if cfg.weighting == "loss" else None
             if cfg.balance_views:
                 balanced = balanced_class_weights(targets)
                 weights = balanced if weights is None else balanced * weights
-            embedding = batch["embedding"] if cfg.feature_weight > 0 else None
             terms, logits = self.step_module(inputs, targets, weights, embedding)
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(terms.total).backward()
@@ -170,15 +172,6 @@ class Trainer:
         state.scaler.update()
         state.scheduler.step()
         return terms, logits, targets, batch["index"]
-
-    def targets(self, inputs: torch.Tensor, batch: dict[str, Any]) -> torch.Tensor:
-        """The teacher's logits on the views (online; on a CPU in cache-sized slices) or its stored logits."""
-        if self.teacher is None:
-            return batch["logits"]
-        slices = inputs.split(EVAL_BATCH) if inputs.device.type == "cpu" else (inputs,)
-        with torch.inference_mode():
-            targets = torch.cat([self.teacher.model(views).float() for views in slices])
-        return targets.clone()  # out of inference mode, so autograd may use it
 
     def evaluate(self) -> dict[str, float]:
         figures = self.evaluator(self.state.student) if self.evaluator is not None else {}

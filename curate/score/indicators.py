@@ -25,6 +25,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from curate.models import final_linear
+
 LOGIT_INDICATORS = ("msp", "neg_energy", "neg_entropy")
 BN_INDICATORS = ("bn_mean", "bn_var")
 FEATURE_INDICATORS = ("feat_norm", "cos_class")
@@ -144,7 +146,7 @@ class TeacherProbe:
             batchnorms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.track_running_stats]
             self.batchnorm_layers = len(batchnorms)
             self.hooks += [m.register_forward_pre_hook(self._bn_hook) for m in batchnorms]
-            last_linear = _final_linear(model)
+            last_linear = final_linear(model)
             if last_linear is not None:
                 self.classifier_weight = last_linear.weight
                 self.hooks.append(last_linear.register_forward_pre_hook(
@@ -296,12 +298,3 @@ class PendingScores:
             confidence=host["confidence"], margin=host["margin"], entropy=host["entropy"], energy=host["energy"],
             feat_norm=host["feat_norm"], indicators={k: host[f"indicator:{k}"] for k in self.indicators},
         )
-
-
-def _final_linear(model: nn.Module) -> nn.Linear | None:
-    """The layer that maps penultimate features to logits: ``model.classifier`` or the last nn.Linear."""
-    classifier = getattr(model, "classifier", None)
-    if isinstance(classifier, nn.Linear):
-        return classifier
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
