@@ -23,7 +23,10 @@ class Profile:
     original_scale: float  # fraction of the teacher's training images used by the `original` arm
     teacher_epochs: int
     teacher_limit: int | None
-    budget: int  # images per selection
+    # images per selection of a pool arm. default and full: 30,000, as many as the teacher's own training
+    # images (the `original` arm), so the pool arms differ from it in which images they hold, not in how many.
+    # quick keeps 2,000 from its 6,900-image pool, which holds 1,500 hidden Fashion-MNIST images.
+    budget: int
     student_width: float
     steps: int
     batch_size: int
@@ -41,9 +44,9 @@ PROFILES = {
                      student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, teachers=(0,),
                      seeds=(1,), ablation=False, test_limit=2000),
     "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None,
-                       budget=20000, student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000,
+                       budget=30000, student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000,
                        teachers=(0,), seeds=(1,), ablation=False),
-    "full": Profile("full", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None, budget=20000,
+    "full": Profile("full", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None, budget=30000,
                     student_width=0.5, steps=3000, batch_size=128, eval_every=50, eval_limit=1000, teachers=(0, 1),
                     seeds=(1, 2, 3), ablation=True),
 }
