@@ -68,7 +68,6 @@ def build_teacher(cfg: DistillConfig, shards: CuratedShards, device: torch.devic
     return teacher
 
 
-
 def build_stream(cfg: DistillConfig, shards: CuratedShards, ranks: Ranks,
                  held_out: np.ndarray | None) -> ShardBatches:
     rows_per_rank = round(cfg.batch_size // ranks.world * cfg.candidates)  # rows read per step
