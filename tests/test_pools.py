@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from curate.errors import UserError
-from curate.pools import POOL_KINDS, PoolDataset, collate_samples, open_pool, parse_options, read_batch
+from curate.pools import (
+    POOL_KINDS,
+    PoolDataset,
+    collate_samples,
+    open_pool,
+    parse_options,
+    read_batch,
+    worker_context,
+)
 from curate.spec import InputSpec
 from tests import formats
 
@@ -325,3 +335,42 @@ root = "{tmp_path}"
         assert torch.equal(batched.indices, single.indices) and torch.equal(batched.labels, single.labels)
         assert batched.images.dtype == torch.uint8 and torch.equal(batched.images, single.images)
     assert any(error[1].endswith("icon1b.png") for error in read_batch(pool, range(len(pool)), geometry).errors)
+
+
+HELD_BY_ANOTHER_THREAD = threading.Lock()
+
+
+def _lock_state_in_worker(batch: list) -> bool:
+    """Collate function run in a reader process: whether this module's lock is free there."""
+    if HELD_BY_ANOTHER_THREAD.acquire(timeout=2):
+        HELD_BY_ANOTHER_THREAD.release()
+        return True
+    return False
+
+
+def test_reader_processes_start_clean_of_the_callers_threads(tmp_path: Path, rng) -> None:
+    # A forked reader inherits every lock another thread of the caller held at that moment, held for ever; readers
+    # started by worker_context must not (the CI segfault of an export forked from a long-lived process).
+    formats.write_mnist_like(tmp_path / "mnist", "test", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
+                             np.zeros(4, np.uint8), False)
+    dataset = PoolDataset(open_pool("mnist:test", tmp_path), InputSpec(1, 28, (0.5,), (0.5,)).geometry())
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with HELD_BY_ANOTHER_THREAD:
+            holding.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    holding.wait(10)
+    try:
+        loaders = {name: DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=_lock_state_in_worker,
+                                    multiprocessing_context=context, timeout=60)
+                   for name, context in (("fork", "fork"), ("worker_context", worker_context(1)))}
+        free = {name: next(iter(loader)) for name, loader in loaders.items()}
+    finally:
+        release.set()
+        thread.join()
+    assert free == {"fork": False, "worker_context": True}
+    assert worker_context(0) is None

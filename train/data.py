@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from curate.errors import UserError
-from curate.pools import Pool, PoolBatch, PoolDataset, collate_samples
+from curate.pools import Pool, PoolBatch, PoolDataset, collate_samples, worker_context
 from curate.spec import InputSpec
 
 
@@ -27,6 +27,7 @@ def make_loader(pool: Pool, spec: InputSpec, batch_size: int, shuffle: bool, see
         drop_last=drop_last,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        multiprocessing_context=worker_context(workers),
     )
 
 

@@ -5,8 +5,10 @@ which reads runs of fixed-size records in one call and builds no per-sample tens
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.context import BaseContext
 from typing import NamedTuple
 
 import numpy as np
@@ -225,3 +227,18 @@ class BatchedPoolDataset(Dataset):
 def as_is(batch: PoolBatch) -> PoolBatch:
     """The DataLoader's collate function for :class:`BatchedPoolDataset`: batches arrive collated."""
     return batch
+
+
+def worker_context(workers: int) -> BaseContext | None:
+    """How a DataLoader reading a pool starts its ``workers`` processes (None where it reads in this process).
+
+    They fork from a fork server, a fresh process that imported torch and the pools once, not from the caller: a
+    fork copies the caller as its other threads left it (rich's refresh thread, the teacher's OpenMP pool, Arrow's
+    and DuckDB's threads), and a reader forked from a long-lived process that had scored, selected and exported
+    before died now and then of a segmentation fault. The pool reaches the workers pickled, as it reaches Ray's.
+    """
+    if workers <= 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "curate.pools"])
+    return context
