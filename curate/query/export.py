@@ -18,7 +18,6 @@ interrupted export leaves no ``selected/`` a trainer could pick up.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from curate.atomic import check_writable, reserve_space, write_folder_atomically
 from curate.errors import UserError
-from curate.pools import BatchedPoolDataset, as_is, open_pool, worker_context
+from curate.pools import BatchedPoolDataset, as_is, open_pool, reader_workers, worker_context
 from curate.query.config import ExportConfig
 from curate.query.scored import ScoredPool
 from curate.selected import TARS_FORMAT, ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
@@ -213,7 +212,7 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     photo per block of neighbouring samples, so random reads would decode a photo per sample. The array
     (fixed size: the teacher's input shape) keeps memory flat whatever the selection's size.
     """
-    workers = cfg.workers if cfg.workers is not None else (0 if pool.cheap_to_read else os.cpu_count() or 1)
+    workers = reader_workers(cfg.workers, pool)
     positions = rows["position"].to_numpy()
     read_order = np.argsort(positions, kind="stable")  # output row of the k-th image read
     pixels = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(rows.num_rows, *spec.shape()))

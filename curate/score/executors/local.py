@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 from torch.utils.data import DataLoader
 
 from curate.device import DeviceFeed
-from curate.pools import BatchedPoolDataset, PoolBatch, as_is, worker_context
+from curate.pools import BatchedPoolDataset, PoolBatch, as_is, reader_workers, worker_context
 from curate.score.config import ScoreConfig
 from curate.score.executors.base import ScoringJob
 from curate.score.forward import BatchScorer, PositionBatches, ScoredBatch
@@ -23,7 +22,7 @@ class LocalExecutor:
         cfg = self.cfg
         scorer = BatchScorer(job.forward, job.reference, job.schema)
         plan = PositionBatches(job.todo, cfg.batch_size)
-        workers = cfg.workers if cfg.workers is not None else (0 if job.pool.cheap_to_read else os.cpu_count() or 1)
+        workers = reader_workers(cfg.workers, job.pool)
         device = job.forward.device
         geometry = job.teacher.spec.geometry()
         loader = DataLoader(
