@@ -19,7 +19,7 @@ from curate.pools import (
     open_pool,
     parse_options,
     read_batch,
-    worker_context,
+    reader_options,
 )
 from curate.spec import InputSpec
 from tests import formats
@@ -350,7 +350,7 @@ def _lock_state_in_worker(batch: list) -> bool:
 
 def test_reader_processes_start_clean_of_the_callers_threads(tmp_path: Path, rng) -> None:
     # A forked reader inherits every lock another thread of the caller held at that moment, held for ever; readers
-    # started by worker_context must not (the CI segfault of an export forked from a long-lived process).
+    # started with reader_options must not (the CI segfault of an export forked from a long-lived process).
     formats.write_mnist_like(tmp_path / "mnist", "test", rng.integers(0, 256, (4, 28, 28), dtype=np.uint8),
                              np.zeros(4, np.uint8), False)
     dataset = PoolDataset(open_pool("mnist:test", tmp_path), InputSpec(1, 28, (0.5,), (0.5,)).geometry())
@@ -365,12 +365,12 @@ def test_reader_processes_start_clean_of_the_callers_threads(tmp_path: Path, rng
     thread.start()
     holding.wait(10)
     try:
-        loaders = {name: DataLoader(dataset, batch_size=4, num_workers=1, collate_fn=_lock_state_in_worker,
-                                    multiprocessing_context=context, timeout=60)
-                   for name, context in (("fork", "fork"), ("worker_context", worker_context(1)))}
+        options = {"fork": {"num_workers": 1, "multiprocessing_context": "fork"}, "reader_options": reader_options(1)}
+        loaders = {name: DataLoader(dataset, batch_size=4, collate_fn=_lock_state_in_worker, timeout=60, **kwargs)
+                   for name, kwargs in options.items()}
         free = {name: next(iter(loader)) for name, loader in loaders.items()}
     finally:
         release.set()
         thread.join()
-    assert free == {"fork": False, "worker_context": True}
-    assert worker_context(0) is None
+    assert free == {"fork": False, "reader_options": True}
+    assert reader_options(0) == {"num_workers": 0}

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from curate.errors import UserError
-from curate.pools import Pool, PoolBatch, PoolDataset, collate_samples, worker_context
+from curate.pools import Pool, PoolBatch, PoolDataset, collate_samples, reader_options
 from curate.spec import InputSpec
 
 
@@ -22,12 +22,10 @@ def make_loader(pool: Pool, spec: InputSpec, batch_size: int, shuffle: bool, see
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        num_workers=workers,
         collate_fn=collate_samples,
         drop_last=drop_last,
         persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        multiprocessing_context=worker_context(workers),
+        **reader_options(workers),
     )
 
 

@@ -23,16 +23,15 @@ from curate.pools.dataset import (
     as_is,
     collate_samples,
     read_batch,
+    reader_options,
     reader_workers,
-    worker_context,
 )
 from curate.pools.registry import POOL_KINDS, default_root, make_pool
 
 __all__ = [
     "POOL_KINDS", "BatchedPoolDataset", "Pool", "PoolBatch", "PoolDataset", "PoolItem", "Sample", "SampleError",
-    "as_is", "collate_samples", "default_root", "open_pool", "parse_options", "read_batch",
+    "as_is", "collate_samples", "default_root", "open_pool", "parse_options", "read_batch", "reader_options",
     "reader_workers",
-    "worker_context",
 ]
 
 

@@ -9,8 +9,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.context import BaseContext
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -230,8 +229,9 @@ def as_is(batch: PoolBatch) -> PoolBatch:
     return batch
 
 
-def worker_context(workers: int) -> BaseContext | None:
-    """How a DataLoader reading a pool starts its ``workers`` processes (None where it reads in this process).
+def reader_options(workers: int) -> dict[str, Any]:
+    """The DataLoader options of ``workers`` processes reading a pool (none: it reads in this process), four
+    batches ahead each.
 
     They fork from a fork server, a fresh process that imported torch and the pools once, not from the caller: a
     fork copies the caller as its other threads left it (rich's refresh thread, the teacher's OpenMP pool, Arrow's
@@ -239,13 +239,13 @@ def worker_context(workers: int) -> BaseContext | None:
     before died now and then of a segmentation fault. The pool reaches the workers pickled, as it reaches Ray's.
     """
     if workers <= 0:
-        return None
+        return {"num_workers": 0}
     context = multiprocessing.get_context("forkserver")
     # Imported once by the server, so a worker starts in milliseconds; without "__main__" each worker would
     # import the calling script again. The server itself costs one import of torch (~4 s on 2 cores), once per
     # process.
     context.set_forkserver_preload(["__main__", "torch", "curate.pools"])
-    return context
+    return {"num_workers": workers, "prefetch_factor": 4, "multiprocessing_context": context}
 
 
 def reader_workers(requested: int | None, pool: Pool) -> int:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from curate.atomic import check_writable, reserve_space, write_folder_atomically
 from curate.errors import UserError
-from curate.pools import BatchedPoolDataset, as_is, open_pool, reader_workers, worker_context
+from curate.pools import BatchedPoolDataset, as_is, open_pool, reader_options, reader_workers
 from curate.query.config import ExportConfig
 from curate.query.scored import ScoredPool
 from curate.selected import TARS_FORMAT, ShardWriter, manifest_for, rows_table, shard_schema, write_manifest
@@ -222,9 +222,8 @@ def read_pixels(cfg: ExportConfig, pool, spec: InputSpec, rows: pa.Table, path: 
     # patches next to a run of cheap glyphs), large chunks leave one worker with most of the work. Neighbouring
     # positions stay together, so a photo is still decoded about once.
     plan = [ordered[start:start + READ_CHUNK] for start in range(0, len(ordered), READ_CHUNK)]
-    loader = DataLoader(BatchedPoolDataset(pool, spec.geometry()), sampler=plan, batch_size=None, num_workers=workers,
-                        collate_fn=as_is, prefetch_factor=4 if workers else None,
-                        multiprocessing_context=worker_context(workers))
+    loader = DataLoader(BatchedPoolDataset(pool, spec.geometry()), sampler=plan, batch_size=None, collate_fn=as_is,
+                        **reader_options(workers))
     columns = [TextColumn("[bold]reading the pool"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
     done = 0
     with Progress(*columns) as progress:

@@ -8,7 +8,7 @@ import pyarrow as pa
 from torch.utils.data import DataLoader
 
 from curate.device import DeviceFeed
-from curate.pools import BatchedPoolDataset, PoolBatch, as_is, reader_workers, worker_context
+from curate.pools import BatchedPoolDataset, PoolBatch, as_is, reader_options, reader_workers
 from curate.score.config import ScoreConfig
 from curate.score.executors.base import ScoringJob
 from curate.score.forward import BatchScorer, PositionBatches, ScoredBatch
@@ -29,11 +29,9 @@ class LocalExecutor:
             BatchedPoolDataset(job.pool, geometry, cfg.jpegs_on_device(device)),
             sampler=plan,
             batch_size=None,
-            num_workers=workers,
             collate_fn=as_is,
-            prefetch_factor=4 if workers > 0 else None,
             pin_memory=device.type == "cuda",
-            multiprocessing_context=worker_context(workers),
+            **reader_options(workers),
         )
         feed = DeviceFeed(loader, lambda batch, to: batch.on_device(to, geometry), device)
         # One batch in flight: batch i+1's pass is queued before batch i's rows are built (on a GPU the two
