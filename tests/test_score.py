@@ -9,13 +9,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+import torch
 from sklearn.metrics import roc_auc_score
 
 from curate.errors import UserError
+from curate.pools import open_pool, read_batch
 from curate.score.config import ScoreConfig
+from curate.score.forward import READ_BYTES, READ_ROWS, BatchScorer, ForwardPass, rows_per_read, score_reference
 from curate.score.indicators import INDICATORS
 from curate.score.runner import score_pool
 from curate.teachers import load_teacher, save_model
@@ -139,6 +143,30 @@ def test_checkpoint_torchscript_and_export_give_the_same_columns(workdir: Path, 
         for column in ["confidence", "entropy", "feat_norm", "relatedness", *(f"ood_{n}" for n in INDICATORS)]:
             np.testing.assert_allclose(table[column].to_numpy(), reference[column].to_numpy(), rtol=1e-4,
                                        atol=1e-4, err_msg=f"{fmt} {column}")
+
+
+def test_a_read_batch_scored_in_several_teacher_calls_gives_the_rows_of_those_calls_one_by_one(
+        scored: Path, teacher_path: Path) -> None:
+    """Reading and writing many rows at once does not change a row: 200 digits scored as one batch in calls of
+    64 are, row for row, the 64-digit batches scored on their own (and in the stored schema)."""
+    teacher = load_teacher(teacher_path)
+    forward = ForwardPass(teacher, torch.device("cpu"), autocast=False, channels_last=False)
+    reference = score_reference(forward, teacher, 128, 0, 64)
+    schema = pq.read_schema(sorted(scored.glob("part-*.parquet"))[0])
+    scorer = BatchScorer(forward, reference, schema, batch_size=64)
+    pool, geometry = open_pool("mnist5k"), teacher.spec.geometry()
+    whole = scorer(read_batch(pool, range(200), geometry))
+    calls = [scorer(read_batch(pool, range(start, min(start + 64, 200)), geometry)) for start in range(0, 200, 64)]
+    assert whole.num_rows == 200 and whole.schema.equals(schema)
+    assert pa.Table.from_batches([whole]).equals(pa.Table.from_batches(calls))
+
+
+def test_read_batches_are_whole_teacher_calls_of_about_a_thousand_small_images() -> None:
+    assert rows_per_read(256, 28 * 28) == READ_ROWS == 1024
+    assert rows_per_read(100, 28 * 28) == 1000  # whole calls, never a part of one
+    assert rows_per_read(4096, 28 * 28) == 4096  # a call larger than READ_ROWS is read as it is
+    assert rows_per_read(256, 224 * 224 * 3) == 256  # 150 KB images: one call a read, under READ_BYTES
+    assert rows_per_read(32, 224 * 224 * 3) * 224 * 224 * 3 <= READ_BYTES
 
 
 def test_unwritable_out_is_a_user_error(teacher_path: Path, tmp_path: Path) -> None:

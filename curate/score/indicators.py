@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -48,6 +48,16 @@ class BatchScores:
     energy: torch.Tensor
     feat_norm: torch.Tensor
     indicators: dict[str, torch.Tensor]  # name -> N float32 (NaN where the teacher cannot provide it)
+
+    @staticmethod
+    def concat(parts: list[BatchScores]) -> BatchScores:
+        """The rows of several teacher calls, in order, as one batch."""
+        if len(parts) == 1:
+            return parts[0]
+        columns = {f.name: None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
+                   for f in fields(BatchScores) if f.name != "indicators"}
+        return BatchScores(**columns, indicators={k: torch.cat([p.indicators[k] for p in parts])
+                                                  for k in parts[0].indicators})
 
 
 # The ops a BatchNorm layer becomes in an FX graph (``torch.export``, or TorchScript converted to it); the

@@ -20,8 +20,8 @@ class LocalExecutor:
 
     def scored_batches(self, job: ScoringJob) -> Iterator[ScoredBatch]:
         cfg = self.cfg
-        scorer = BatchScorer(job.forward, job.reference, job.schema)
-        plan = PositionBatches(job.todo, cfg.batch_size)
+        scorer = BatchScorer(job.forward, job.reference, job.schema, cfg.batch_size)
+        plan = PositionBatches(job.todo, job.read_rows)
         workers = reader_workers(cfg.workers, job.pool)
         device = job.forward.device
         geometry = job.teacher.spec.geometry()

@@ -1,7 +1,7 @@
 """`curate score --executor ray`: the teacher runs in a Ray actor pool, the driver writes the scored folder.
 
 Ray Data holds the work as one row per batch of pool positions (the same batches as the local executor:
-``batch_size`` positions that never cross a shard boundary, in the pool's stable order), and
+``ScoringJob.read_rows`` positions that never cross a shard boundary, in the pool's stable order), and
 ``map_batches`` hands them to a pool of ``BatchActor``s, each with its own copy of the pool reader and the
 teacher (on a GPU when the cluster has them). An actor decodes its batch and scores it with the same
 ``BatchScorer`` as the local executor, and sends back the rows as Arrow IPC bytes: for small images the
@@ -36,7 +36,8 @@ from curate.score.forward import BatchScorer, ForwardPass, PositionBatches, Scor
 from curate.score.reference import Reference
 from curate.teachers import load_teacher, read_meta_file
 
-# Positions an actor scores per call: Ray Data costs ~20 ms a call, a GPU scores 256 images in ~10 ms.
+# Positions an actor scores per call (at least one read batch): Ray Data costs ~20 ms a call, a GPU scores
+# 256 images in ~10 ms.
 POSITIONS_PER_CALL = 1024
 INSTALL_HINT = "pip install 'hetero-distill[ray]' (or pip install 'ray[data]')"
 
@@ -105,7 +106,7 @@ class BatchActor:
         self.geometry = teacher.spec.geometry()
         self.device, self.jpegs_encoded = device, cfg.jpegs_on_device(device)
         forward = ForwardPass(teacher, device, wants_autocast(cfg.autocast, device), cfg.channels_last)
-        self.scorer = BatchScorer(forward, Reference.from_json(reference), schema)
+        self.scorer = BatchScorer(forward, Reference.from_json(reference), schema, cfg.batch_size)
 
     def __call__(self, work: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {"shard": [], "rows": [], "errors": [], "samples": []}
@@ -160,13 +161,13 @@ class RayExecutor:
         context.enable_progress_bars = False  # the driver shows its own
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         work = [{"shard": p[0] // cfg.shard_rows, "start": p[0], "stop": p[-1] + 1}
-                for p in PositionBatches(job.todo, cfg.batch_size)]
+                for p in PositionBatches(job.todo, job.read_rows)]
         # The actors get no --address (they are already on the cluster) and open the pool themselves.
         actor_cfg = replace(cfg, address=None)
         results = ray.data.from_items(work).map_batches(
             BatchActor, fn_constructor_kwargs={"cfg": actor_cfg, "fingerprint": job.teacher.fingerprint,
                                                "reference": job.reference.to_json(), "schema": job.schema},
-            batch_size=max(1, POSITIONS_PER_CALL // cfg.batch_size), compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=max(1, POSITIONS_PER_CALL // job.read_rows), compute=ray.data.ActorPoolStrategy(size=actors),
             **resources)
         try:
             for result in results.iter_rows():
