@@ -63,7 +63,9 @@ def score(
                                                                "timm:NAME")] = None,
     trust_pickle: Annotated[bool, typer.Option(help="allow a pickled module (unpickling "
                                                     "runs code from the file)")] = False,
-    batch_size: Annotated[int, typer.Option(help="images per teacher call (rows are read and written about 1,024 at a time, in whole calls)")] = ScoreConfig.batch_size,
+    batch_size: Annotated[int, typer.Option(
+        help="images per teacher call (rows are read and written about 1,024 at a time, in whole calls)")
+    ] = ScoreConfig.batch_size,
     workers: Annotated[int | None, typer.Option(help="DataLoader processes decoding the pool "
                                                 "(default: 0 for array-backed pools, one per core for "
                                                 "files/glyphs)")] = None,

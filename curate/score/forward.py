@@ -1,7 +1,7 @@
 """The teacher's side of scoring, shared by every executor and by the query stage's spot checks:
 normalise and run the probed teacher (``ForwardPass``), turn a decoded pool batch into scored rows
-(``BatchScorer``), the batches of pool positions a run is made of (``PositionBatches``, ``rows_per_read``), and the noise
-reference that standardises the indicators."""
+(``BatchScorer``), the batches of pool positions a run is made of (``PositionBatches``, ``rows_per_read``),
+and the noise reference that standardises the indicators."""
 
 from __future__ import annotations
 

@@ -3,14 +3,15 @@
 An executor is built from the run's config before any work starts (so a missing Ray or an unreachable
 cluster fails in seconds) and turns the shards still to score into ``ScoredBatch``es, in pool order:
 batches of ``ScoringJob.read_rows`` positions that never cross a shard boundary (``PositionBatches``), each
-scored with a ``BatchScorer`` in teacher calls of ``batch_size`` images. Every executor forms the same batches and scores them the same way, so their rows
-are identical and either resumes the other; the writer does not know which one ran.
+scored with a ``BatchScorer`` in teacher calls of ``batch_size`` images. Every executor forms the same batches
+and scores them the same way, so their rows are identical and either resumes the other; the writer does not
+know which one ran.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
