@@ -12,6 +12,7 @@ from rich.table import Table
 from curate.errors import run_app
 from curate.options import config_from
 from curate.query.config import ExportConfig, SelectConfig
+from curate.refine.config import RefineConfig
 from curate.score.config import ScoreConfig
 
 app = typer.Typer(
@@ -288,6 +289,39 @@ def export(
     summary = export_selection(config_from(ExportConfig, locals()))
     Console().print(f"wrote {summary.rows:,} samples in {summary.shards} shards to {summary.out} "
                     f"in {summary.seconds:.1f} s")
+
+
+@app.command()
+def refine(
+    shards: Annotated[Path, typer.Option(help="curated folder to refine (from curate export)")],
+    teacher: Annotated[Path, typer.Option(help="the teacher that scored it (file, or torchvision:NAME / "
+                                               "timm:NAME)")],
+    out: Annotated[Path, typer.Option(help="folder for the refined shards (must not exist or be "
+                                           "empty)")] = RefineConfig.out,
+    share: Annotated[float, typer.Option(help="share of every class's rows to refine: those whose feature "
+                                              "statistics fall furthest from the teacher's")] = RefineConfig.share,
+    steps: Annotated[int, typer.Option(help="optimiser steps per refined image")] = RefineConfig.steps,
+    lr: Annotated[float, typer.Option(help="Adam's step size in pixel units (pixels range over "
+                                           "[0, 1])")] = RefineConfig.lr,
+    class_weight: Annotated[float, typer.Option(help="weight of the cross-entropy to the row's teacher class "
+                                                     "beside the BatchNorm deviation")] = RefineConfig.class_weight,
+    batch_size: Annotated[int, typer.Option(help="images per optimiser batch")] = RefineConfig.batch_size,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda")] = RefineConfig.device,
+    teacher_weights: Annotated[Path | None, typer.Option(help="state_dict for a library teacher")] = None,
+) -> None:
+    """Move the least related images of a curated folder toward the teacher's own data; write them re-scored.
+
+    In each teacher class, the --share of rows least like the teacher's BatchNorm statistics
+    get --steps Adam steps on their pixels toward them, keeping the row's class.
+    Rows, uids and weights stay; refined rows get new pixels, logits and a "+refined" source.
+    Example: curate refine --shards selected/ --teacher teacher.pt --out refined/
+    """
+    from curate.refine.run import refine_shards
+
+    summary = refine_shards(config_from(RefineConfig, locals()))
+    Console().print(f"refined {summary.refined:,} of {summary.rows:,} rows into {summary.out} in "
+                    f"{summary.seconds:.1f} s: BatchNorm deviation {summary.deviation_before:.3f} -> "
+                    f"{summary.deviation_after:.3f}, teacher class kept for {summary.class_kept:.1%}")
 
 
 @app.command()
