@@ -105,6 +105,10 @@ def _bad_inputs(tmp: Path, teachers: dict[str, Path], digits: Path) -> list[tupl
          "--trust-pickle"),
         (["eval", "--model", str(teachers["checkpoint"]), "--model-meta", str(wrong_meta), "--dataset", "mnist:test",
           "--root", str(digits)], "rejects 3x28x28"),
+        (["eval", "--model", str(teachers["checkpoint"])], "give --dataset"),
+        (["eval", "--model", str(teachers["checkpoint"]), "--dataset", "digits", "--shards", str(tmp)],
+         "give --dataset"),
+        (["eval", "--model", str(teachers["checkpoint"]), "--shards", str(tmp / "none")], "curate export"),
         (["eval", "--model", str(teachers["checkpoint"]), "--dataset", "digits"], None),
     ]
 

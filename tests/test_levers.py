@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,3 +164,13 @@ def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agr
     held = held_out_rows(CuratedShards.open(selected).rows, 0.2)
     assert not held[rows[:, 2]].any()
     assert json.loads((out / "config.json").read_text())["candidates"] == 2.0
+    # `train eval --shards` recomputes the last held-out figures from the student file (how the experiment scores a
+    # student trained on a refined copy of the folder on the unrefined rows)
+    figures = tmp_path / "held-out.json"
+    result = subprocess.run([sys.executable, "-m", "train", "eval", "--model", str(out / "student.pt"), "--shards",
+                             str(selected), "--holdout", "0.2", "--json", str(figures), "--device", "cpu"],
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    recomputed = json.loads(figures.read_text())
+    for name, value in recomputed.items():
+        assert value == pytest.approx(history[-1][f"eval_{name}"], rel=1e-4, abs=1e-6), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated
@@ -181,7 +182,14 @@ def distill(
 @app.command("eval")
 def evaluate(
     model: Annotated[Path, typer.Option(help="teacher or student: checkpoint, TorchScript, .pt2 or pickled module")],
-    dataset: Annotated[str, typer.Option(help="labeled pool, e.g. fashion-mnist:test")],
+    dataset: Annotated[str | None, typer.Option(help="labeled pool, e.g. fashion-mnist:test")] = None,
+    shards: Annotated[Path | None, typer.Option(help="instead of --dataset: a curated folder, whose held-out rows "
+                                                     "(--holdout) are compared with the teacher's stored "
+                                                     "logits")] = None,
+    holdout: Annotated[float, typer.Option(help="with --shards: the --holdout the student was distilled "
+                                                "with")] = 0.05,
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures to this JSON "
+                                                                 "file")] = None,
     root: Annotated[Path | None, typer.Option(help="data folder (default $CURATE_DATA or ./data)")] = None,
     model_meta: Annotated[Path | None, typer.Option(help="JSON meta overriding or supplying "
                                                          "the model's input spec")] = None,
@@ -191,12 +199,26 @@ def evaluate(
     workers: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
-    """Accuracy of a model on a labeled pool, overall and per class.
+    """Accuracy of a model on a labeled pool, overall and per class; or, with --shards, how closely a student
+    matches its teacher on a curated folder's held-out rows (no label needed).
 
     Example: train eval --model teacher.pt --dataset fashion-mnist:test
     """
-    from train.evaluate import evaluate_model
+    from train.evaluate import evaluate_model, held_out_figures
 
+    if (dataset is None) == (shards is None):
+        raise UserError("give --dataset (accuracy on a labeled pool) or --shards (agreement on held-out rows)")
+    if shards is not None:
+        figures = held_out_figures(model, shards, holdout, device)
+        table = Table(title=f"{model.name} against the teacher on {shards}'s held-out rows")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for name, value in figures.items():
+            table.add_row(name, f"{value:.4f}")
+        Console().print(table)
+        if json_out is not None:
+            json_out.write_text(json.dumps(figures, indent=1))
+        return
     result = evaluate_model(model, dataset, root, model_meta, trust_pickle, batch_size, workers, device)
     table = Table(title=f"{model.name} on {dataset}: accuracy {result['accuracy']:.4f} ({result['samples']} samples)")
     table.add_column("class")
@@ -205,6 +227,8 @@ def evaluate(
     for name, (acc, count) in result["per_class"].items():
         table.add_row(name, f"{acc:.4f}", str(count))
     Console().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1))
 
 
 def lost_peer(err: RuntimeError) -> bool:

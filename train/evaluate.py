@@ -1,4 +1,4 @@
-"""Accuracy of a classifier on a labeled pool, and its agreement with a teacher there."""
+"""Accuracy of a classifier on a labeled pool, and its agreement with a teacher there or on held-out shard rows."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ from torch.utils.data import DataLoader
 from curate.device import pick_device
 from curate.errors import UserError
 from curate.pools import open_pool
+from curate.selected import CuratedShards
 from curate.spec import InputSpec
 from curate.teachers import Flags, Teacher, load_teacher, read_meta_file
 from train.data import labeled_batches, make_loader
 from train.losses import kd_per_sample
-from train.shards import ShardBatches, held_out_pairs
+from train.shards import ShardBatches, held_out_pairs, held_out_rows
 
 # Evaluation batches: 128 images keep a small convnet's activations in the CPU's caches. Measured on the 2-core
 # machine, fp32, 10,000 28x28 images: a full-width resnet8 teacher 5,700-6,300 img/s at 128 against 2,000-2,400 at
@@ -151,3 +152,23 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
     per_class = {name: (correct, int((labels == index).sum())) for index, (name, correct)
                  in enumerate(zip(loaded.class_names, class_accuracies(preds, labels, loaded.num_classes)))}
     return {"accuracy": float((preds == labels).float().mean()), "samples": len(labels), "per_class": per_class}
+
+
+def held_out_figures(path: Path, folder: Path, fraction: float, device_name: str) -> dict[str, float]:
+    """How closely a student file matches the teacher on the rows of a curated folder that ``train distill
+    --holdout fraction`` keeps out of training (the same rows for any folder of as many rows): the label-free
+    figures of the training log, for a student trained on other shards (a refined copy of the folder)."""
+    device = pick_device(device_name)
+    shards = CuratedShards.open(folder)
+    loaded = load_teacher(path, device=device, flags=Flags("--model", "--model-meta", "--trust-pickle"))
+    if loaded.num_classes != shards.num_classes or tuple(loaded.spec.shape()) != shards.image_shape:
+        raise UserError(f"{path.name} takes {tuple(loaded.spec.shape())} images into {loaded.num_classes} classes, "
+                        f"{folder} holds {shards.image_shape} images of {shards.num_classes}: give the folder the "
+                        "student was distilled for")
+    stream = ShardBatches(shards, plan_for=lambda epoch: [])
+    normalize = InputSpec.from_meta(shards.manifest["input_spec"]).normalize()
+    agreement = HeldOutAgreement.of(stream, held_out_rows(shards.rows, fraction), normalize, device)
+    if agreement is None:
+        raise UserError(f"--holdout {fraction} holds out no row: give the fraction the student was trained with")
+    loaded.model.eval()
+    return agreement(loaded.model)
