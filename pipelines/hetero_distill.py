@@ -78,7 +78,7 @@ class Experiment:
                                   ("original", ORIGINAL_SPEC, d.profile.original_scale)):
             argv = ["curate", "score", "--teacher", str(d.teacher(t)), "--pool", str(spec), "-o", f"scale={scale}",
                     "--out", str(d.scored(t, name)), *self.root_options()]
-            self.runner.run(Step(f"teacher{t}-score-{name}", "score", argv))
+            self.runner.run(Step(f"teacher{t}-score-{name}", "score", argv, writes=d.scored(t, name)))
 
     def select_and_export(self, t: int) -> None:
         d = self.design
@@ -104,7 +104,8 @@ class Experiment:
         for pool in POOLS:
             self.runner.run(Step(f"teacher{t}-report-{pool}", "report", [
                 "curate", "report", "--scored", str(d.scored(t, "pool")), "--selection",
-                str(d.selection(t, "related", pool)), "--out", str(d.base(t) / "selection-report" / pool)]))
+                str(d.selection(t, "related", pool)), "--out", str(d.base(t) / "selection-report" / pool)],
+                writes=d.base(t) / "selection-report" / pool))
 
     # -- students --------------------------------------------------------------------------------------------
 
@@ -136,7 +137,7 @@ class Experiment:
                     "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
                     *self.root_options("--eval-root")]
             name = f"distill-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
-            steps.append(Step(name, "distill", argv, resume_with=["--resume"],
+            steps.append(Step(name, "distill", argv, writes=run.folder, resume_with=["--resume"],
                               resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
         self.runner.run_at_once(steps, self.lanes)
 

@@ -3,7 +3,8 @@ for independent steps, several at once in processes of their own: ``StepRunner.r
 
 A step is the exact command line a person would type; the pipeline runs it through the same entry point
 (so what the report lists is what ran) and drops a completion marker ``<out>/.done/<step>`` when it
-succeeds. Run again after an interruption, finished steps are skipped and the one that was cut short
+succeeds (holding its command line). Run again after an interruption, finished steps are skipped, steps
+whose command line changed since they ran are run again from scratch, and the one that was cut short
 starts again, continuing where its command can (`curate score` resumes by shard, `train distill` from
 its last checkpoint via ``resume_with``); a step whose command writes its output atomically (a teacher
 file, a selection, a shard folder) counts as done when that output is there.
@@ -16,6 +17,7 @@ import ctypes.util
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +40,7 @@ class Step:
     stage: str  # timings are summed per stage
     argv: list[str]  # ["curate" | "train", subcommand, options...]
     output: Path | None = None  # written whole or not at all by its command: if there, the step is done
+    writes: Path | None = None  # where a command that is not atomic writes (a run folder, a scored pool)
     resume_with: list[str] = field(default_factory=list)  # extra options when a cut-short run is found
     resumable: Callable[[], bool] = lambda: False  # whether a cut-short run is there to continue
 
@@ -108,8 +111,23 @@ class StepRunner:
         self.commands: list[str] = []
 
     def done(self, step: Step) -> bool:
-        """Its marker is there, or its atomic output (a run killed after writing it, before the marker)."""
-        return (self.markers / step.name).exists() or (step.output is not None and step.output.exists())
+        """Its marker is there with its command line, or its atomic output (a run killed after writing it, before
+        the marker). A marker left by another command line (a changed profile or recipe) is stale: the step's
+        output is removed and it runs again, so no result of an older design passes for one of this design."""
+        marker = self.markers / step.name
+        if marker.exists():
+            ran = marker.read_text().strip()
+            if ran == step.command:
+                return True
+            console.print(f"{step.name} ran before as `{ran}`; its command changed, so it runs again", style="yellow")
+            for path in {step.output, step.writes} - {None}:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+            marker.unlink()
+            return False
+        return step.output is not None and step.output.exists()
 
     def run(self, step: Step) -> None:
         self.commands.append(step.command)

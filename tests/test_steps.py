@@ -1,5 +1,6 @@
 """The pipeline's step runner with several steps at once: each step its own process, markers on success, a
-failing step reported with the end of its log, finished steps skipped on a rerun, the stage's wall time."""
+failing step reported with the end of its log, finished steps skipped on a rerun, changed steps run again, the
+stage's wall time."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from curate.errors import UserError
 from pipelines.steps import Lanes, Step, StepRunner
 
 
-def noise_scoring(out: Path, teacher: Path, name: str) -> Step:
-    return Step(name, "score", ["curate", "score", "--teacher", str(teacher), "--pool", "noise", "-o", "count=64",
-                                "--reference-count", "64", "--out", str(out / name), "--device", "cpu"])
+def noise_scoring(out: Path, teacher: Path, name: str, count: int = 64) -> Step:
+    return Step(name, "score", ["curate", "score", "--teacher", str(teacher), "--pool", "noise", "-o", f"count={count}",
+                                "--reference-count", "64", "--out", str(out / name), "--device", "cpu"],
+                writes=out / name)
 
 
 def test_steps_at_once_write_markers_report_failures_and_resume(tmp_path: Path, teacher_path: Path) -> None:
@@ -36,3 +38,12 @@ def test_steps_at_once_write_markers_report_failures_and_resume(tmp_path: Path, 
     rerun.run_at_once(good, Lanes(2, 1))  # all done: nothing starts
     assert rerun.commands == [step.command for step in good]
     assert json.loads((tmp_path / "pipeline" / ".done" / "timings.json").read_text())["score"] == first
+
+    # a step whose command line changed since it ran (another profile or recipe) runs again from scratch: the
+    # scored folder of 64 rows would refuse a rerun over another pool, so it is removed first
+    changed = noise_scoring(tmp_path, teacher_path, "scored0", count=32)
+    again = StepRunner(tmp_path / "pipeline")
+    again.run_at_once([changed, *good[1:]], Lanes(2, 1))
+    assert (tmp_path / "pipeline" / ".done" / "scored0").read_text().strip() == changed.command
+    assert pq.read_table(tmp_path / "scored0" / "part-00000.parquet").num_rows == 32
+    assert json.loads((tmp_path / "pipeline" / ".done" / "timings.json").read_text())["score"] > first
