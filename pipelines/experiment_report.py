@@ -21,7 +21,7 @@ from curate.query.export import reopen_pool
 from curate.query.scored import ScoredPool, sql_string
 from curate.spec import InputSpec
 from curate.teachers import load_teacher
-from pipelines.design import ARMS, HIDDEN_SOURCE, POOLS, REPO, TEST_SET, Design, Recipe, Run
+from pipelines.design import ARMS, HELD_OUT_FILE, HIDDEN_SOURCE, POOLS, REPO, TEST_SET, Design, Recipe, Run
 from pipelines.steps import StepRunner
 from train.evaluate import Evaluator
 
@@ -83,6 +83,14 @@ def last_metrics(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+def held_out(folder: Path) -> dict[str, float]:
+    """A finished run's held-out figures (holdout_kl, holdout_agreement, ...): on the unrefined rows for a run
+    on a refined folder (HELD_OUT_FILE, by `train eval --shards`), else the training log's last."""
+    if (folder / HELD_OUT_FILE).exists():
+        return json.loads((folder / HELD_OUT_FILE).read_text())
+    return {key[len("eval_"):]: value for key, value in last_metrics(folder).items() if key.startswith("eval_holdout")}
+
+
 def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
     """Mean and spread over every teacher and student seed of one arm on one pool, with the mean curve."""
     finals = [test.final(r) for r in runs]
@@ -90,10 +98,10 @@ def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
     steps = [s for s, _ in curves[0]]
     mean_curve = [[step, float(np.mean([dict(c)[step] for c in curves]))] for step in steps]
     accuracy = [f["accuracy"] for f in finals]
-    held_out = [last_metrics(r.folder)["eval_holdout_kl"] for r in runs]
+    held_out_kl = [held_out(r.folder)["holdout_kl"] for r in runs]
     return {"accuracy": float(np.mean(accuracy)), "accuracy_std": float(np.std(accuracy, ddof=1)) if len(runs) > 1
             else 0.0, "agreement": float(np.mean([f["agreement"] for f in finals])),
-            "holdout_kl": float(np.mean(held_out)),
+            "holdout_kl": float(np.mean(held_out_kl)),
             "per_class_accuracy": np.mean([f["per_class_accuracy"] for f in finals], axis=0).tolist(),
             "runs": [{"teacher": r.teacher, "seed": r.seed, "accuracy": a} for r, a in zip(runs, accuracy)],
             "curve": mean_curve}
@@ -223,11 +231,10 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
         for entry in arm.values():
             entry["steps_to_90"] = steps_to(entry["curve"], target)
     for run in design.ablation_runs():
-        final, held_out = test.final(run), last_metrics(run.folder)
+        final = test.final(run)
         results["ablation"][run.label] = {
             "accuracy": final["accuracy"], "agreement": final["agreement"], "pool": run.pool, "seed": run.seed,
-            **{key[len("eval_"):]: value for key, value in held_out.items() if key.startswith("eval_holdout")},
-            "options": run.recipe.options("teacher.pt")}
+            **held_out(run.folder), "options": run.recipe.shown("teacher.pt")}
     results["selection"] = selection_quality(design, first)
     results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
     results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
@@ -275,7 +282,8 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
     recipe = results["recipe"]
     lines += ["`related`: balanced over the teacher's predicted classes, each class's quota filled by relatedness, "
               "class weights as sampling probabilities, KD (T=4) on stored logits. `related+signal`: the same "
-              f"shards with `{' '.join(recipe['options'])}` ({recipe['chosen']}).", ""]
+              f"shards{' refined by `curate refine`' if recipe.get('refined') else ''} with "
+              f"`{' '.join(recipe['options'])}` ({recipe['chosen']}).", ""]
     lines += per_class_table(results)
     lines += ["## How the recipe of `related+signal` was chosen", ""]
     if results["ablation"]:

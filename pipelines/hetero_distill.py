@@ -16,7 +16,8 @@
    `uniform` and `related` with plain KD on stored logits, `related+signal` with the better learning signal.
    The ablation (`full`) trains every candidate recipe on `related` / `no-fashion` with a tuning seed and
    chooses the recipe of `related+signal` by KL(teacher || student) on held-out shard rows (no test label);
-   the other profiles use `CHOSEN` (design.py).
+   the other profiles use `CHOSEN` (design.py). Recipes on refined images distil on a `curate refine` copy of
+   the selection's shards and are scored on the unrefined folder's held-out rows, like the others.
 5. Every student is evaluated on Fashion-MNIST's test split; `results.json`, `report.md` and plots follow.
 
 Every step is one `curate`/`train` command (listed in the report) run with a completion marker, so running
@@ -36,6 +37,7 @@ from pipelines.design import (
     CANDIDATES,
     CHOSEN,
     CHOSEN_BY,
+    HELD_OUT_FILE,
     ORIGINAL_SPEC,
     POOL_SPEC,
     POOLS,
@@ -46,7 +48,7 @@ from pipelines.design import (
     Recipe,
     Run,
 )
-from pipelines.experiment_report import last_metrics, write_experiment_report
+from pipelines.experiment_report import held_out, write_experiment_report
 from pipelines.steps import Lanes, Step, StepRunner, console
 
 
@@ -115,20 +117,42 @@ class Experiment:
         runs = self.design.ablation_runs()
         self.distill(runs)
         if runs:
-            scores = {run.label: float(last_metrics(run.folder)[RECIPE_CRITERION]) for run in runs}
+            scores = {run.label: float(held_out(run.folder)[RECIPE_CRITERION]) for run in runs}
             chosen, how = min(scores, key=scores.__getitem__), "this experiment's ablation"
         else:
             scores, chosen, how = {}, CHOSEN, CHOSEN_BY
         choice = {"chosen": chosen, "criterion": RECIPE_CRITERION, "chosen_by": how, "scores": scores,
-                  "options": CANDIDATES[chosen].options("teacher.pt")}
+                  "options": CANDIDATES[chosen].options("teacher.pt"), "refined": CANDIDATES[chosen].refine}
         self.design.recipe_file.write_text(json.dumps(choice, indent=1))
         return CANDIDATES[chosen]
 
+    def refine(self, runs: list[Run]) -> None:
+        """The refined copy of every related selection that ``runs`` distil on."""
+        d = self.design
+        for t, pool in sorted({(run.teacher, run.pool) for run in runs if run.data == "refined"}):
+            refined = d.shards(t, "refined", pool)
+            self.runner.run(Step(f"teacher{t}-refine-{pool}", "refine", [
+                "curate", "refine", "--shards", str(d.shards(t, "related", pool)), "--teacher", str(d.teacher(t)),
+                "--out", str(refined)], output=refined))
+
+    def score_on_unrefined_rows(self, runs: list[Run]) -> None:
+        """Held-out figures of the runs on refined shards, on the rows their unrefined folder holds out."""
+        d = self.design
+        for run in (run for run in runs if run.data == "refined"):
+            figures = run.folder / HELD_OUT_FILE
+            name = f"held-out-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
+            self.runner.run(Step(name, "held-out", [
+                "train", "eval", "--model", str(run.folder / "student.pt"), "--shards",
+                str(d.shards(run.teacher, "related", run.pool)), "--holdout", str(d.profile.holdout), "--json",
+                str(figures)], output=figures))
+
     def distill(self, runs: list[Run]) -> None:
         d, p = self.design, self.design.profile
+        self.refine(runs)
         steps = []
         for run in runs:
-            options = ["--weighting", "sample"] if run.data == "related" else []  # each predicted class equally often
+            # each predicted class equally often
+            options = ["--weighting", "sample"] if run.data in ("related", "refined") else []
             options += run.recipe.options(d.teacher(run.teacher))
             argv = ["train", "distill", "--shards", str(d.shards(run.teacher, run.data, run.pool)),
                     "--out", str(run.folder), "--student", "resnet8", "--width", str(p.student_width),
@@ -140,6 +164,7 @@ class Experiment:
             steps.append(Step(name, "distill", argv, writes=run.folder, resume_with=["--resume"],
                               resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
         self.runner.run_at_once(steps, self.lanes)
+        self.score_on_unrefined_rows(runs)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,6 +5,7 @@ the teacher's outputs on their stored pixels, and everything else of the folder 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,3 +109,33 @@ def test_refine_refuses_another_teacher_a_used_folder_and_bad_options(
                             capture_output=True, text=True, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "curate export" in result.stderr + result.stdout
+
+
+def test_the_experiment_distils_refined_recipes_on_the_refined_copy_and_scores_them_on_the_unrefined_rows(
+        selected: Path, teacher_path: Path, tmp_path: Path) -> None:
+    from pipelines.design import CANDIDATES, PROFILES, Design
+    from pipelines.experiment_report import held_out
+    from pipelines.hetero_distill import Experiment
+    from pipelines.steps import Lanes
+
+    design = Design(PROFILES["full"], tmp_path / "experiment", None)
+    refined_runs = [run for run in design.ablation_runs() if run.recipe.refine]
+    assert len(refined_runs) == 2 and {run.data for run in refined_runs} == {"refined"}
+    signal = [run for run in design.arm_runs(CANDIDATES["refined images"]) if run.label == "related+signal"]
+    assert signal and {run.data for run in signal} == {"refined"}
+    # the selection's shards and the teacher where the design keeps them
+    design.shards(0, "related", "no-fashion").parent.mkdir(parents=True)
+    design.shards(0, "related", "no-fashion").symlink_to(selected, target_is_directory=True)
+    shutil.copy(teacher_path, design.teacher(0))
+    experiment = Experiment(design, Lanes(1, 1))
+    experiment.refine(refined_runs)
+    refined = CuratedShards.open(design.shards(0, "refined", "no-fashion"))
+    assert refined.rows == CuratedShards.open(selected).rows
+    # the teacher itself stands in for a student distilled on the refined copy: on the unrefined rows it matches
+    # the stored logits (float16) all but exactly
+    run = refined_runs[0]
+    run.folder.mkdir(parents=True)
+    shutil.copy(teacher_path, run.folder / "student.pt")
+    experiment.score_on_unrefined_rows([run])
+    figures = held_out(run.folder)
+    assert figures["holdout_agreement"] > 0.97 and figures["holdout_kl"] < 0.01
