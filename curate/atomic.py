@@ -53,6 +53,15 @@ def check_writable(path: Path) -> None:
         raise write_error(path, err) from None
 
 
+def check_new_folder(path: Path) -> None:
+    """Fail before any work when ``path``, a folder a command fills whole, holds anything already or could not be
+    written (see ``check_writable``)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UserError(f"{path} already exists and is not an empty folder: choose a new --out or delete it")
+    check_writable(path)
+
+
 def process_exists(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -9,8 +9,8 @@ selected/_manifest.json           teacher, image shape, input spec, class names,
 ``pixels`` holds raw uint8 bytes of ``image_shape`` (C, H, W): the trainer needs neither the pool nor its
 decoders. Every shard repeats the format, image shape, class names and the teacher's fingerprint in its
 schema metadata, so shards of two exports cannot be mixed unnoticed. This module is the one home of the
-format: its writer (``manifest_for``, ``shard_schema``, ``rows_table``, ``ShardWriter``) and its checked
-opener (``CuratedShards.open``); it needs no DuckDB.
+format: its writer (``manifest_for``, ``shard_schema``, ``rows_table``, ``ShardWriter``), its checked
+opener (``CuratedShards.open``) and the pixel decoder (``decode_pixels``); it needs no DuckDB.
 """
 
 from __future__ import annotations
@@ -69,6 +69,19 @@ def rows_table(schema: pa.Schema, uid: Any, source: Any, pixels: np.ndarray, log
     if embedding is not None:
         columns["embedding"] = embedding
     return pa.table(columns).cast(schema)
+
+
+def decode_pixels(pixels: pa.Array | pa.ChunkedArray, shape: tuple[int, ...], path: Path) -> np.ndarray:
+    """The ``pixels`` column of a shard (``path``) as one uint8 array (rows, *shape), without a copy per row;
+    a row of another size than ``shape`` is refused."""
+    if isinstance(pixels, pa.ChunkedArray):
+        pixels = pixels.combine_chunks()
+    _, offsets, data = pixels.buffers()
+    flat = np.frombuffer(data, dtype=np.uint8)
+    starts = np.frombuffer(offsets, dtype=np.int32)[pixels.offset:pixels.offset + len(pixels) + 1]
+    if not np.all(np.diff(starts) == int(np.prod(shape))):
+        raise UserError(f"shard {path} has images of another size than {shape}")
+    return flat[starts[0]:starts[-1]].reshape(-1, *shape)
 
 
 class NumberedShards:

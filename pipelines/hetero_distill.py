@@ -126,6 +126,10 @@ class Experiment:
         self.design.recipe_file.write_text(json.dumps(choice, indent=1))
         return CANDIDATES[chosen]
 
+    def step_name(self, stage: str, run: Run) -> str:
+        """``stage`` and the run's folder under the results, as one marker name."""
+        return f"{stage}-{run.folder.relative_to(self.design.out).as_posix().replace('/', '-')}"
+
     def refine(self, runs: list[Run]) -> None:
         """The refined copy of every related selection that ``runs`` distil on."""
         d = self.design
@@ -140,8 +144,7 @@ class Experiment:
         d = self.design
         for run in (run for run in runs if run.data == "refined"):
             figures = run.folder / HELD_OUT_FILE
-            name = f"held-out-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
-            self.runner.run(Step(name, "held-out", [
+            self.runner.run(Step(self.step_name("held-out", run), "held-out", [
                 "train", "eval", "--model", str(run.folder / "student.pt"), "--shards",
                 str(d.shards(run.teacher, "related", run.pool)), "--holdout", str(d.profile.holdout), "--json",
                 str(figures)], output=figures))
@@ -160,8 +163,8 @@ class Experiment:
                     "--eval", TEST_SET, "--eval-every", str(p.eval_every), "--eval-limit", str(p.eval_limit),
                     "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
                     *self.root_options("--eval-root")]
-            name = f"distill-{run.folder.relative_to(d.out).as_posix().replace('/', '-')}"
-            steps.append(Step(name, "distill", argv, writes=run.folder, resume_with=["--resume"],
+            steps.append(Step(self.step_name("distill", run), "distill", argv, writes=run.folder,
+                              resume_with=["--resume"],
                               resumable=lambda folder=run.folder: any(folder.glob("ckpt-*.pt"))))
         self.runner.run_at_once(steps, self.lanes)
         self.score_on_unrefined_rows(runs)

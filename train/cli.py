@@ -209,7 +209,7 @@ def evaluate(
     if (dataset is None) == (shards is None):
         raise UserError("give --dataset (accuracy on a labeled pool) or --shards (agreement on held-out rows)")
     if shards is not None:
-        figures = held_out_figures(model, shards, holdout, device)
+        figures = held_out_figures(model, shards, holdout, model_meta, trust_pickle, device)
         table = Table(title=f"{model.name} against the teacher on {shards}'s held-out rows")
         table.add_column("figure")
         table.add_column("value", justify="right")

@@ -25,6 +25,7 @@ from train.shards import ShardBatches, held_out_pairs, held_out_rows
 # 1,000, a half-width student 7,000-10,000 against 5,300-6,400. On a GPU the sets evaluated here are small enough
 # that the batch size hardly matters.
 EVAL_BATCH = 128
+MODEL_FLAGS = Flags("--model", "--model-meta", "--trust-pickle")  # how `train eval` names the model's options
 
 
 @torch.inference_mode()
@@ -142,7 +143,7 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
     """Load any teacher/student file and measure its accuracy, overall and per class, on a labeled pool."""
     device = pick_device(device_name)
     loaded = load_teacher(path, trust_pickle=trust_pickle, meta_overrides=read_meta_file(meta_file), device=device,
-                          flags=Flags("--model", "--model-meta", "--trust-pickle"))
+                          flags=MODEL_FLAGS)
     pool = open_pool(dataset, root)
     if pool.class_names and len(pool.class_names) != loaded.num_classes:
         raise UserError(f"{path.name} predicts {loaded.num_classes} classes but {dataset} has "
@@ -154,21 +155,22 @@ def evaluate_model(path: Path, dataset: str, root: Path | None, meta_file: Path 
     return {"accuracy": float((preds == labels).float().mean()), "samples": len(labels), "per_class": per_class}
 
 
-def held_out_figures(path: Path, folder: Path, fraction: float, device_name: str) -> dict[str, float]:
+def held_out_figures(path: Path, folder: Path, fraction: float, meta_file: Path | None, trust_pickle: bool,
+                     device_name: str) -> dict[str, float]:
     """How closely a student file matches the teacher on the rows of a curated folder that ``train distill
     --holdout fraction`` keeps out of training (the same rows for any folder of as many rows): the label-free
     figures of the training log, for a student trained on other shards (a refined copy of the folder)."""
+    if not 0 < fraction < 1:
+        raise UserError(f"--holdout {fraction} is not a fraction of the rows in (0, 1): give the one the student was "
+                        "distilled with")
     device = pick_device(device_name)
     shards = CuratedShards.open(folder)
-    loaded = load_teacher(path, device=device, flags=Flags("--model", "--model-meta", "--trust-pickle"))
+    loaded = load_teacher(path, trust_pickle=trust_pickle, meta_overrides=read_meta_file(meta_file), device=device,
+                          flags=MODEL_FLAGS)
     if loaded.num_classes != shards.num_classes or tuple(loaded.spec.shape()) != shards.image_shape:
         raise UserError(f"{path.name} takes {tuple(loaded.spec.shape())} images into {loaded.num_classes} classes, "
                         f"{folder} holds {shards.image_shape} images of {shards.num_classes}: give the folder the "
                         "student was distilled for")
     stream = ShardBatches(shards, plan_for=lambda epoch: [])
     normalize = InputSpec.from_meta(shards.manifest["input_spec"]).normalize()
-    agreement = HeldOutAgreement.of(stream, held_out_rows(shards.rows, fraction), normalize, device)
-    if agreement is None:
-        raise UserError(f"--holdout {fraction} holds out no row: give the fraction the student was trained with")
-    loaded.model.eval()
-    return agreement(loaded.model)
+    return HeldOutAgreement.of(stream, held_out_rows(shards.rows, fraction), normalize, device)(loaded.model)

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import Dataset
 
 from curate.errors import UserError
-from curate.selected import CuratedShards
+from curate.selected import CuratedShards, decode_pixels
 from curate.vectors import float_lists
 
 HOLDOUT_SEED = 20_161  # not the run's seed: every run on the same shards holds out the same rows
@@ -173,16 +173,8 @@ class ShardBatches(Dataset):
             table = pq.ParquetFile(self.shards.files[shard].path).read_row_group(group, columns=columns)
         except (OSError, pa.ArrowException) as err:
             raise UserError(f"shard {self.shards.files[shard].path} cannot be read ({err}): export it again") from None
-        pixels = table["pixels"].combine_chunks()
-        shape = self.shards.image_shape
-        _, offsets, data = pixels.buffers()
-        flat = np.frombuffer(data, dtype=np.uint8)
-        starts = np.frombuffer(offsets, dtype=np.int32)[pixels.offset:pixels.offset + len(pixels) + 1]
-        size = int(np.prod(shape))
-        if not np.all(np.diff(starts) == size):
-            raise UserError(f"shard {self.shards.files[shard].path} has images of another size than {shape}")
         decoded = {
-            "pixels": flat[starts[0]:starts[-1]].reshape(-1, *shape),
+            "pixels": decode_pixels(table["pixels"], self.shards.image_shape, self.shards.files[shard].path),
             "logits": float_lists(table["logits"]),
             "weight": table["weight"].to_numpy().astype(np.float32),
             "label": table["label"].fill_null(-1).to_numpy().astype(np.int64),

@@ -31,7 +31,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from curate.atomic import check_writable, reserve_space, write_folder_atomically
+from curate.atomic import check_new_folder, reserve_space, write_folder_atomically
 from curate.errors import UserError
 from curate.pools import BatchedPoolDataset, as_is, open_pool, reader_options, reader_workers
 from curate.query.config import ExportConfig
@@ -160,9 +160,7 @@ def verify_images(scored: ScoredPool, images: np.ndarray, stored_logits: np.ndar
 
 def export_selection(cfg: ExportConfig) -> ExportSummary:
     started = time.perf_counter()
-    if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())):
-        raise UserError(f"{cfg.out} already exists and is not an empty folder: choose a new --out or delete it")
-    check_writable(cfg.out)
+    check_new_folder(cfg.out)
     scored = ScoredPool.open(cfg.scored)
     selection, provenance = read_selection(cfg.selection, scored)
     stored_root = scored.manifest.get("pool_root")

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from curate.atomic import check_writable, write_folder_atomically
+from curate.atomic import check_new_folder, write_folder_atomically
 from curate.device import pick_device
 from curate.errors import UserError
 from curate.refine.config import RefineConfig
 from curate.score.indicators import TeacherProbe
-from curate.selected import CuratedShards, ShardWriter, rows_table, shard_schema, write_manifest
+from curate.selected import CuratedShards, ShardWriter, decode_pixels, rows_table, shard_schema, write_manifest
 from curate.spec import InputSpec
 from curate.teachers import TEACHER_ONLY, load_teacher
 from curate.vectors import float_lists
@@ -115,11 +115,7 @@ def chosen_rows(deviation: np.ndarray, classes: np.ndarray, share: float) -> np.
 
 def refine_shards(cfg: RefineConfig) -> RefineSummary:
     started = time.perf_counter()
-    if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())):
-        raise UserError(f"{cfg.out} already exists and is not an empty folder: choose a new --out or delete it")
-    if cfg.out.resolve() == Path(cfg.shards).resolve():
-        raise UserError("--out is the --shards folder: refine into a new folder")
-    check_writable(cfg.out)
+    check_new_folder(cfg.out)
     shards = CuratedShards.open(cfg.shards)
     device = pick_device(cfg.device)
     teacher = load_teacher(cfg.teacher, device=device, flags=TEACHER_ONLY, weights=cfg.teacher_weights)
@@ -141,7 +137,7 @@ def refine_shards(cfg: RefineConfig) -> RefineSummary:
                                  row_group_rows=max(max(f.group_rows) for f in shards.files))
             for layout in shards.files:
                 table = pq.read_table(layout.path)
-                writer.write(_refined_table(table, schema, shards, refiner, cfg.share, totals))
+                writer.write(_refined_table(table, layout.path, schema, shards, refiner, cfg.share, totals))
                 progress.advance(task, layout.rows)
         manifest["shards"] = writer.close()
         manifest["provenance"] = {**shards.manifest.get("provenance", {}), "refined_from": str(cfg.shards),
@@ -156,16 +152,15 @@ def refine_shards(cfg: RefineConfig) -> RefineSummary:
                          totals["kept"] / refined, time.perf_counter() - started)
 
 
-def _refined_table(table: pa.Table, schema: pa.Schema, shards: CuratedShards, refiner: Refiner, share: float,
-                   totals: dict[str, Any]) -> pa.Table:
-    shape = shards.image_shape
-    images = np.frombuffer(b"".join(table["pixels"].to_pylist()), np.uint8).reshape(len(table), *shape).copy()
-    classes = float_lists(table["logits"]).argmax(1)
+def _refined_table(table: pa.Table, path: Path, schema: pa.Schema, shards: CuratedShards, refiner: Refiner,
+                   share: float, totals: dict[str, Any]) -> pa.Table:
+    images = decode_pixels(table["pixels"], shards.image_shape, path).copy()
+    logits = float_lists(table["logits"]).copy()
+    classes = logits.argmax(1)
     deviation = refiner.score(images)["deviation"].numpy()
     rows = chosen_rows(deviation, classes, share)
     images[rows] = refiner.refine(images[rows], classes[rows])
     after = refiner.score(images[rows])
-    logits = float_lists(table["logits"]).copy()
     logits[rows] = after["logits"].numpy()
     embedding = None
     if shards.embedding_dim is not None:

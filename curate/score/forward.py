@@ -55,10 +55,11 @@ class ForwardPass:
             return self.probe.launch(x)
 
 
-# Rows read, scored and written as one batch, in as many teacher calls of --batch-size as it takes. A batch
-# costs about 2 ms of fixed work on the host (the reader's call, some 20 Arrow arrays, the writer's queue) on
-# top of the teacher: at 256 rows that bounds small images at ~100k rows/s, however fast the teacher. Capped
-# in bytes so large images (224x224x3: 150 KB each) are read one teacher call at a time, as before.
+# Rows read, scored and written as one batch, in as many teacher calls of --batch-size as it takes: the reader's
+# call, some 20 Arrow arrays, the standardised indicators and the writer's queue are paid once per ~1,024 rows
+# instead of once per call (+25% rows/s with a trivial teacher at batch 256 on 2 cores, benchmarks/RESULTS.md;
+# the probe's operations stay per call). Capped in bytes so large images (224x224x3: 150 KB each) are read one
+# teacher call at a time, as before.
 READ_ROWS = 1024
 READ_BYTES = 32 * 2**20
 
