@@ -85,7 +85,7 @@ def test_everything_but_the_refined_rows_stays_as_exported(selected: Path, refin
     assert [f.group_rows for f in new.files] == [f.group_rows for f in old.files]
     manifest = json.loads((refined / "_manifest.json").read_text())
     assert manifest["teacher"] == old.manifest["teacher"] and manifest["provenance"]["refined_rows"] == changed.sum()
-    assert manifest["provenance"]["refine"] == {"share": 0.25, "steps": 10, "lr": 0.02, "class_weight": 1.0}
+    assert manifest["provenance"]["refine"] == {"share": 0.25, "steps": 10, "lr": 0.005, "class_weight": 1.0}
 
 
 def test_refine_refuses_another_teacher_a_used_folder_and_bad_options(

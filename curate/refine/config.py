@@ -17,7 +17,9 @@ class RefineConfig:
     out: Path = Path("refined")
     share: float = 0.25  # of every class's rows, those whose statistics fall furthest from the teacher's
     steps: int = 20  # optimiser steps per refined image
-    lr: float = 0.02  # Adam's step, in pixel units (the pixel range is [0, 1])
+    # Adam's step in pixel units (range [0, 1]): at 0.02, 20 steps turned real garments into textures on the
+    # Fashion-MNIST teacher's pool; at 0.005 the images kept their shapes while the deviation still fell 3.6 -> 1.0.
+    lr: float = 0.005
     class_weight: float = 1.0  # weight of the cross-entropy to the row's class beside the BatchNorm deviation
     batch_size: int = 256
     device: str = "auto"
