@@ -166,7 +166,7 @@ class StepRunner:
         die_with_parent = parent_death_signal()
         running: dict[subprocess.Popen, tuple[Step, float, Path]] = {}
         failed: list[tuple[Step, Path]] = []
-        started = time.perf_counter()
+        counted = time.perf_counter()  # the stage's wall time is added as its steps finish: a killed run keeps it
         console.rule(f"[bold]{todo[0].stage}[/]: {len(todo)} steps, {lanes.count} at a time, "
                      f"{lanes.threads} thread(s) each; output in {logs}")
         try:
@@ -187,6 +187,9 @@ class StepRunner:
                     step, began, log = running.pop(process)
                     if process.returncode == 0:
                         self.mark_done(step)
+                        now = time.perf_counter()
+                        self.add_time(step.stage, now - counted)
+                        counted = now
                         console.print(f"{step.name} done in {time.perf_counter() - began:.1f} s", style="dim")
                     else:
                         failed.append((step, log))
@@ -197,7 +200,7 @@ class StepRunner:
                 process.terminate()
             for process in running:
                 process.wait()
-            self.add_time(steps[0].stage, time.perf_counter() - started)  # wall time of the stage, not the sum
+            self.add_time(steps[0].stage, time.perf_counter() - counted)  # wall time of the stage, not the sum
         if failed:
             step, log = failed[0]
             tail = log.read_text(errors="replace").strip().splitlines()[-5:]
