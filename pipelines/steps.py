@@ -190,7 +190,7 @@ class StepRunner:
                         now = time.perf_counter()
                         self.add_time(step.stage, now - counted)
                         counted = now
-                        console.print(f"{step.name} done in {time.perf_counter() - began:.1f} s", style="dim")
+                        console.print(f"{step.name} done in {now - began:.1f} s", style="dim")
                     else:
                         failed.append((step, log))
                 if failed and not running:

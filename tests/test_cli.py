@@ -110,6 +110,8 @@ def _bad_inputs(tmp: Path, teachers: dict[str, Path], digits: Path) -> list[tupl
          "give --dataset"),
         (["eval", "--model", str(teachers["checkpoint"]), "--shards", str(tmp / "none")], "curate export"),
         (["eval", "--model", str(teachers["checkpoint"]), "--shards", str(tmp), "--holdout", "1.5"], "--holdout 1.5"),
+        (["eval", "--model", str(teachers["checkpoint"]), "--dataset", "digits", "--json", str(corrupt / "x.json")],
+         "cannot write"),
         (["eval", "--model", str(teachers["checkpoint"]), "--dataset", "digits"], None),
     ]
 

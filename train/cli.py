@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from curate.atomic import check_writable, write_atomically
 from curate.errors import UserError, run_app
 from curate.models import MODELS
 from curate.options import config_from
@@ -208,6 +209,8 @@ def evaluate(
 
     if (dataset is None) == (shards is None):
         raise UserError("give --dataset (accuracy on a labeled pool) or --shards (agreement on held-out rows)")
+    if json_out is not None:
+        check_writable(json_out)
     if shards is not None:
         figures = held_out_figures(model, shards, holdout, model_meta, trust_pickle, device)
         table = Table(title=f"{model.name} against the teacher on {shards}'s held-out rows")
@@ -217,7 +220,7 @@ def evaluate(
             table.add_row(name, f"{value:.4f}")
         Console().print(table)
         if json_out is not None:
-            json_out.write_text(json.dumps(figures, indent=1))
+            write_atomically(json_out, lambda path: path.write_text(json.dumps(figures, indent=1)))
         return
     result = evaluate_model(model, dataset, root, model_meta, trust_pickle, batch_size, workers, device)
     table = Table(title=f"{model.name} on {dataset}: accuracy {result['accuracy']:.4f} ({result['samples']} samples)")
@@ -228,7 +231,7 @@ def evaluate(
         table.add_row(name, f"{acc:.4f}", str(count))
     Console().print(table)
     if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=1))
+        write_atomically(json_out, lambda path: path.write_text(json.dumps(result, indent=1)))
 
 
 def lost_peer(err: RuntimeError) -> bool:
