@@ -153,7 +153,9 @@ class Experiment:
         d, p = self.design, self.design.profile
         self.refine(runs)
         steps = []
-        for run in runs:
+        # Longest first: an online-teacher student takes about three times as long as one on stored logits, so
+        # started last it would run on alone while the other lanes idle.
+        for run in sorted(runs, key=lambda run: not run.recipe.online_teacher):
             # each predicted class equally often
             options = ["--weighting", "sample"] if run.data in ("related", "refined") else []
             options += run.recipe.options(d.teacher(run.teacher))
