@@ -205,6 +205,41 @@ def test_patches_are_seeded_and_cut_from_photos(tmp_path: Path, rng) -> None:
     assert not torch.equal(pool.sample(33).image, other.sample(33).image)
 
 
+def test_patches_decode_each_photo_once_into_the_cache(tmp_path: Path, rng, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # this test's own, empty
+    photos, cache = tmp_path / "photos", tmp_path / "cache" / "curate" / "photos"
+    photos.mkdir()
+    Image.fromarray(rng.integers(0, 256, (1100, 1500, 3), dtype=np.uint8)).save(photos / "big.jpg")  # > 1024
+    Image.fromarray(rng.integers(0, 256, (300, 400), dtype=np.uint8)).save(photos / "grey.png")
+    options = {"count": 40, "seed": 3, "size": 16}
+
+    def patches() -> list[torch.Tensor]:
+        pool = open_pool("patches", photos, options)
+        return [pool.sample(i).image for i in range(len(pool))]
+
+    monkeypatch.setenv("CURATE_CACHE_GIB", "0")
+    uncached = patches()
+    assert not cache.exists()
+    monkeypatch.delenv("CURATE_CACHE_GIB")
+    first = patches()
+    entries = sorted(cache.glob("*.npy"))
+    assert len(entries) == 2
+    assert all(torch.equal(a, b) for a, b in zip(uncached, first, strict=True))  # same pixels as a fresh decode
+    assert sorted(np.load(e).shape[:2] for e in entries) == [(300, 400), (751, 1024)]  # the big one shrunk
+    # A new pool reads the cache instead of decoding: an entry changed behind its back shows in the patches.
+    grey = next(e for e in entries if np.load(e).ndim == 2)
+    np.save(grey, np.zeros((300, 400), np.uint8))
+    assert sum(int(p.sum()) == 0 for p in patches()) == 20
+    # Another photo under the same name is decoded again, never served from the old entry.
+    Image.fromarray(rng.integers(1, 256, (300, 401), dtype=np.uint8)).save(photos / "grey.png")
+    assert all(int(p.sum()) > 0 for p in patches())
+    # Beyond the bound the least recently used entries go: room for one small photo keeps the last one read.
+    monkeypatch.setenv("CURATE_CACHE_GIB", str(250_000 / 2**30))
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(photos / "third.png")
+    patches()
+    assert [np.load(e).shape for e in cache.glob("*.npy")] == [(200, 300, 3)]
+
+
 def test_noise_kinds_are_deterministic_and_different() -> None:
     pool = open_pool("noise", options={"count": 6, "size": 16, "channels": 1})
     again = open_pool("noise", options={"count": 6, "size": 16, "channels": 1})

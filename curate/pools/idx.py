@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from curate.cache import cache_dir, file_version
 from curate.errors import UserError
 from curate.pools.base import Pool, check_split, find_first
 from curate.pools.filearray import FileArray
@@ -27,17 +28,11 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dt
 _SPLIT_PREFIX = {"train": "train", "test": "t10k"}
 
 
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "curate"
-
-
 def _plain_copy(path: Path) -> Path:
     """Path of an uncompressed copy of ``path`` (itself when not gzipped)."""
     if path.suffix != ".gz":
         return path
-    stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(file_version(path).encode()).hexdigest()[:16]
     target = cache_dir() / "idx" / f"{path.stem}.{digest}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

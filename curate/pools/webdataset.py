@@ -23,9 +23,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.atomic import temporary_name
+from curate.cache import cache_dir
 from curate.errors import UserError
 from curate.pools.base import SampleError
-from curate.pools.idx import cache_dir
 from curate.pools.images import DECODING_OPTIONS, Decoding, EncodedImagePool
 from curate.pools.registry import register
 from curate.pools.remote import Location, OpenFiles, digest, map_files, resolve_files
