@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from curate.atomic import temporary_name
+from curate.errors import UserError
 
 ARRAYS_GIB = 4.0  # default bound of the array cache; $CURATE_CACHE_GIB sets another (0 turns it off)
 
@@ -30,11 +31,17 @@ def file_version(path: Path) -> str:
 
 
 def array_cache_bytes() -> int:
+    """The array cache's bound from ``$CURATE_CACHE_GIB``; pools that use the cache call this when they open, so a
+    bad value fails there, before any work."""
     value = os.environ.get("CURATE_CACHE_GIB", str(ARRAYS_GIB))
     try:
-        return max(0, int(float(value) * 2**30))
+        gib = float(value)
     except ValueError:
-        return int(ARRAYS_GIB * 2**30)  # a typo in an environment variable is not worth failing a run for
+        gib = -1.0
+    if not 0 <= gib < float("inf"):
+        raise UserError(f"CURATE_CACHE_GIB={value!r} is not a size in GiB: set a number such as 4, or 0 to turn "
+                        "the cache off")
+    return int(gib * 2**30)
 
 
 def cached_array(kind: str, key: str, make: Callable[[], np.ndarray]) -> np.ndarray:

@@ -238,6 +238,9 @@ def test_patches_decode_each_photo_once_into_the_cache(tmp_path: Path, rng, monk
     Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(photos / "third.png")
     patches()
     assert [np.load(e).shape for e in cache.glob("*.npy")] == [(200, 300, 3)]
+    monkeypatch.setenv("CURATE_CACHE_GIB", "lots")
+    with pytest.raises(UserError, match="CURATE_CACHE_GIB='lots' is not a size in GiB"):
+        open_pool("patches", photos, options)
 
 
 def test_noise_kinds_are_deterministic_and_different() -> None:

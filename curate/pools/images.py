@@ -12,7 +12,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from curate.cache import cached_array, file_version
+from curate.cache import array_cache_bytes, cached_array, file_version
 from curate.errors import UserError
 from curate.pools.base import Pool, SampleError, require_dir
 from curate.pools.registry import register
@@ -191,6 +191,7 @@ class PatchesPool(Pool):
         self.count, self.seed, self.size = int(count), int(seed), int(size)
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         self.source = name
+        array_cache_bytes()  # a bad $CURATE_CACHE_GIB fails now, not in a reader process
 
     def __len__(self) -> int:
         return self.count
