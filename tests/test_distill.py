@@ -46,8 +46,8 @@ def test_student_learns_from_the_shards(selected: Path, mnist_root: Path, teache
     assert student.num_classes == 10 and student.meta["arch"] == "resnet8"
 
 
-@pytest.mark.parametrize("extra", [(), ("--candidates", "2", "--balance-views", "--holdout", "0.1")],
-                         ids=["plain", "adaptive"])
+@pytest.mark.parametrize("extra", [(), ("--candidates", "2", "--balance-views", "--holdout", "0.1"), ("--ema", "0.9",)],
+                         ids=["plain", "adaptive", "weight-average"])
 def test_sigkill_then_resume_is_bit_exact(selected: Path, tmp_path: Path, extra: tuple[str, ...]) -> None:
     whole = tmp_path / "whole"
     subprocess.run(command(selected, whole, *extra), check=True, capture_output=True)
@@ -82,6 +82,7 @@ def test_bad_input_is_refused_in_one_line(selected: Path, tmp_path: Path, capsys
         (["--shards", str(selected), "--candidates", "0.5"], "--candidates"),
         (["--shards", str(selected), "--boundary-views", "0.5"], "--boundary-views needs --teacher"),
         (["--shards", str(selected), "--holdout", "1.5"], "--holdout 1.5 is not a fraction"),
+        (["--shards", str(selected), "--ema", "1"], "--ema 1.0 is not a decay"),
     ]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exit_info:
@@ -99,6 +100,26 @@ def test_resume_with_a_changed_config_is_refused(selected: Path, tmp_path: Path)
     changed = DistillConfig(**{**cfg.__dict__, "temperature": 2.0})
     with pytest.raises(UserError, match="changed config.*temperature"):
         distill(changed, resume=True)
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.8])
+def test_the_saved_student_is_the_moving_average_of_the_trained_weights(selected: Path, tmp_path: Path,
+                                                                       decay: float) -> None:
+    cfg = DistillConfig(shards=selected, out=tmp_path / "run", steps=6, batch_size=32, ckpt_every=6, workers=0,
+                        device="cpu", width=0.25, ema=decay)
+    distill(cfg)
+    state = torch.load(tmp_path / "run" / "ckpt-00000006.pt", weights_only=False)
+    saved = torch.load(tmp_path / "run" / "student.pt", weights_only=True)["state_dict"]
+    trained = state["model"]
+    if decay == 0:
+        assert "average" not in state
+        assert all(torch.equal(saved[k], trained[k]) for k in trained)
+        return
+    average = {k.removeprefix("module."): v for k, v in state["average"].items() if k.startswith("module.")}
+    assert int(state["average"]["n_averaged"]) == 6 and average.keys() == trained.keys() == saved.keys()
+    assert all(torch.equal(saved[k], average[k]) for k in saved)
+    weights = [k for k, v in trained.items() if v.is_floating_point()]
+    assert any(not torch.equal(average[k], trained[k]) for k in weights)  # an average, not the last weights
 
 
 def test_online_teacher_with_mixup_and_feature_matching(selected: Path, teacher_path: Path, mnist_root: Path,

@@ -109,13 +109,20 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    average: torch.nn.Module | None = None  # the moving average of the student's weights (--ema)
     step: int = 0
     reader: ReaderState = field(default_factory=ReaderState)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def _stateful(self) -> dict[str, Any]:
-        return {"model": self.student, "loss": self.loss_fn, "optimizer": self.optimizer,
-                "scheduler": self.scheduler, "scaler": self.scaler}
+        parts = {"model": self.student, "loss": self.loss_fn, "optimizer": self.optimizer,
+                 "scheduler": self.scheduler, "scaler": self.scaler}
+        return parts if self.average is None else {**parts, "average": self.average}
+
+    @property
+    def final_student(self) -> torch.nn.Module:
+        """The student that is evaluated and saved: the moving average where there is one."""
+        return self.student if self.average is None else self.average.module
 
     def state_dict(self, readers: list[dict[str, int]]) -> dict[str, Any]:
         """``readers``: every rank's position, gathered."""

@@ -48,6 +48,7 @@ class DistillConfig:
     balance_views: bool = False  # weight the loss so every class the teacher sees in a batch counts equally
     boundary_views: float = 0.0  # share of each batch stepped toward random teacher classes; needs --teacher
     candidates: float = 1.0  # rows read per row trained on: the student keeps the views it imitates worst
+    ema: float = 0.0  # decay of the moving average of the weights that is evaluated and saved (0: the weights)
     holdout: float = 0.0  # fraction of the shard rows kept out of training to measure agreement on
     eval_dataset: str | None = None
     eval_root: Path | None = None
@@ -96,6 +97,8 @@ class DistillConfig:
         at_least(0, warmup_steps=self.warmup_steps, workers=self.workers, crop_padding=self.crop_padding,
                  mixup=self.mixup, cutmix=self.cutmix, hard_weight=self.hard_weight, feature_weight=self.feature_weight,
                  weight_decay=self.weight_decay)
+        if not 0 <= self.ema < 1:
+            raise UserError(f"--ema {self.ema} is not a decay in [0, 1): try 0.999 (0 turns averaging off)")
         if not 0 <= self.holdout < 1:
             raise UserError(f"--holdout {self.holdout} is not a fraction of the rows in [0, 1): try 0.05")
         positive(epochs=self.epochs, width=self.width, temperature=self.temperature, lr=self.lr)

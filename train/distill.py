@@ -38,6 +38,7 @@ from curate.spec import InputSpec
 from curate.teachers import TEACHER_ONLY, Teacher, load_teacher
 from train.adaptive import HardestViews
 from train.augment import mix, random_crop_flip, step_generator
+from train.average import averaged_student
 from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
 from train.config import DistillConfig
@@ -121,7 +122,8 @@ class Trainer:
                                     cfg.weight_decay)
         warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, self.steps * 3 // 100)
         self.use_amp, self.amp_dtype, scaler = mixed_precision(cfg.amp, device)
-        self.state = TrainState(student, loss_fn, optimizer, cosine_with_warmup(optimizer, warmup, self.steps), scaler)
+        self.state = TrainState(student, loss_fn, optimizer, cosine_with_warmup(optimizer, warmup, self.steps), scaler,
+                                averaged_student(cfg.ema, student))
         self.step_module: torch.nn.Module = DistillStep(student, loss_fn, cfg.compile)
         self.evaluator = Evaluator(cfg.eval_dataset, cfg.eval_root, self.spec, shards.num_classes, self.teacher,
                                    device, cfg.eval_limit) if cfg.eval_dataset and ranks.main else None
@@ -170,12 +172,15 @@ class Trainer:
         state.scaler.step(state.optimizer)
         state.scaler.update()
         state.scheduler.step()
+        if state.average is not None:
+            state.average.update_parameters(state.student)
         return terms, logits, targets, batch["index"]
 
     def evaluate(self) -> dict[str, float]:
-        figures = self.evaluator(self.state.student) if self.evaluator is not None else {}
+        student = self.state.final_student
+        figures = self.evaluator(student) if self.evaluator is not None else {}
         if self.holdout is not None:
-            figures.update(self.holdout(self.state.student))
+            figures.update(self.holdout(student))
         self.state.student.train()
         return figures
 
@@ -217,7 +222,7 @@ class Trainer:
 
     def save_student(self) -> None:
         """The student in the checkpoint format teachers use (rank 0), with the curves' PNG."""
-        save_student(self.state.student, self.cfg, self.shards.manifest, self.steps, self.state.history)
+        save_student(self.state.final_student, self.cfg, self.shards.manifest, self.steps, self.state.history)
         plot_curves(self.state.history, self.cfg.out / "curves.png")
 
 
