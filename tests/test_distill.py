@@ -100,6 +100,14 @@ def test_resume_with_a_changed_config_is_refused(selected: Path, tmp_path: Path)
     changed = DistillConfig(**{**cfg.__dict__, "temperature": 2.0})
     with pytest.raises(UserError, match="changed config.*temperature"):
         distill(changed, resume=True)
+    # a checkpoint written before an option existed ran with that option's default: it resumes
+    last = sorted((tmp_path / "run").glob("ckpt-*.pt"))[-1]
+    state = torch.load(last, weights_only=False)
+    del state["config"]["ema"]
+    torch.save(state, last)
+    distill(cfg, resume=True)
+    with pytest.raises(UserError, match="changed config.*ema"):
+        distill(DistillConfig(**{**cfg.__dict__, "ema": 0.9}), resume=True)
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.8])
