@@ -125,8 +125,8 @@ def distill(
              "per teacher class, the views where the student is furthest from the teacher (1: off; costs one "
              "student forward per candidate)")] = DistillConfig.candidates,
     ema: Annotated[float, typer.Option(
-        help="evaluate and save a moving average of the student's weights with this decay per step, e.g. 0.999 "
-             "(about the last 1,000 steps; 0: the trained weights)")] = DistillConfig.ema,
+        help="evaluate and save a moving average of the student's weights with this decay per step, e.g. 0.999, "
+             "warmed up as (1 + n) / (10 + n) after n steps (0: the trained weights)")] = DistillConfig.ema,
     holdout: Annotated[float, typer.Option(
         help="fraction of the shard rows kept out of training (the same rows for every seed and recipe); "
              "agreement with the teacher there is logged at every evaluation: a label-free way to compare "
