@@ -61,6 +61,7 @@ class Recipe:
     so the command lines (and the report listing them) read as they were typed."""
 
     online_teacher: bool = False  # the teacher labels every augmented view
+    affine: float | None = None
     mixup: float | None = None
     cutmix: float | None = None
     balance_views: bool = False
@@ -74,7 +75,7 @@ class Recipe:
     def options(self, teacher: Path | str) -> list[str]:
         """Options of `train distill`, with ``teacher`` the teacher file."""
         argv = ["--teacher", str(teacher)] if self.online_teacher else []
-        for name in ("mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight", "temperature"):
+        for name in ("affine", "mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight", "temperature"):
             if (value := getattr(self, name)) is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
         return argv + (["--balance-views"] if self.balance_views else [])

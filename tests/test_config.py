@@ -44,6 +44,8 @@ def test_command_defaults_are_the_configs(command, config):
     (lambda: DistillConfig(student="vit"), "unknown student 'vit'"),
     (lambda: DistillConfig(weighting="both"), "unknown --weighting"),
     (lambda: DistillConfig(mixup=0.2), "needs --teacher"),
+    (lambda: DistillConfig(affine=0.5), "--affine needs --teacher"),
+    (lambda: DistillConfig(teacher=Path("t.pt"), affine=1.5), "--affine 1.5 is not a strength"),
     (lambda: DistillConfig(eval_every=0), "--eval-every 0"),
     (lambda: TeacherConfig(dataset="mnist", arch="vit"), "unknown architecture"),
     (lambda: TeacherConfig(dataset="mnist", epochs=0), "--epochs 0"),

@@ -19,7 +19,7 @@ from curate.errors import UserError
 from curate.selected import CuratedShards
 from curate.teachers import load_teacher
 from train.adaptive import hardest_within_classes
-from train.augment import mix
+from train.augment import mix, random_affine, step_generator
 from train.boundary import BoundaryViews
 from train.distill import DistillConfig, distill
 from train.losses import balanced_class_weights
@@ -57,6 +57,22 @@ def test_mixup_blends_whole_images_and_both_switch_per_step() -> None:
     assert all(len(b.unique()) == 1 for b in blended[:, 0])  # a blend of two constants is a constant
     kinds = {all(len(b.unique()) == 1 for b in mix(images, 0.4, 1.0, seed=3, step=s)[:, 0]) for s in range(20)}
     assert kinds == {True, False}  # with both, some steps blend and some paste
+
+
+def test_random_affine_warps_each_view_by_its_own_draw_and_fills_with_the_background() -> None:
+    background = torch.tensor([-0.4])
+    views = torch.full((8, 1, 28, 28), -0.4)
+    views[:, :, 6:22, 11:17] = 2.0  # an upright bar on the background
+    same = random_affine(views, 0.0, background, step_generator(0, 5))
+    assert torch.allclose(same, views, atol=1e-5)  # strength 0: the identity
+    warped = random_affine(views, 1.0, background, step_generator(0, 5))
+    assert torch.equal(warped, random_affine(views, 1.0, background, step_generator(0, 5)))  # seeded by the step
+    assert not torch.equal(warped, random_affine(views, 1.0, background, step_generator(0, 6)))
+    assert torch.allclose(warped[:, :, 0, 0], background)  # uncovered corners take the background, not 0
+    assert warped.min() >= -0.4 - 1e-5 and warped.max() <= 2.0 + 1e-5  # bilinear: no new extremes
+    differs = [not torch.allclose(warped[i], views[i], atol=1e-3) for i in range(8)]
+    assert all(differs)  # every view moved
+    assert len({round(float(w.sum()), 2) for w in warped}) == 8  # each by a draw of its own
 
 
 def test_hardest_within_classes_fills_equal_quotas_then_the_largest_gaps() -> None:
@@ -151,7 +167,8 @@ def test_held_out_rows_are_fixed_and_never_planned(selected: Path) -> None:
 def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agreement(
         selected: Path, teacher_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = DistillConfig(shards=selected, out=out, teacher=teacher_path, cutmix=1.0, mixup=0.4, balance_views=True,
+    cfg = DistillConfig(shards=selected, out=out, teacher=teacher_path, cutmix=1.0, mixup=0.4, affine=0.5,
+                        balance_views=True,
                         boundary_views=0.25, candidates=2.0, holdout=0.2, steps=8, batch_size=32, log_every=4,
                         eval_every=4, record_rows=True, width=0.25, workers=0, device="cpu")
     history = distill(cfg)["history"]
@@ -163,7 +180,8 @@ def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agr
     assert len(rows) == 8 * 32  # candidates are read two per row trained on, only the chosen are trained on
     held = held_out_rows(CuratedShards.open(selected).rows, 0.2)
     assert not held[rows[:, 2]].any()
-    assert json.loads((out / "config.json").read_text())["candidates"] == 2.0
+    recorded = json.loads((out / "config.json").read_text())
+    assert recorded["candidates"] == 2.0 and recorded["affine"] == 0.5
     # `train eval --shards` recomputes the last held-out figures from the student file (how the experiment scores a
     # student trained on a refined copy of the folder on the unrefined rows)
     figures = tmp_path / "held-out.json"

@@ -1,4 +1,4 @@
-"""Batched augmentation (crop, flip, mixup, CutMix) on image tensors, on whatever device the batch is on.
+"""Batched augmentation (crop, flip, random affine, mixup, CutMix) on image tensors, on whatever device the batch is on.
 
 Per-sample torchvision transforms cost about half a millisecond each on a CPU
 core, as much as the training step of a small network; doing crop and flip
@@ -38,6 +38,27 @@ def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: 
     # channels-last path even for a model kept in the default layout: copy into standard strides.
     gathered = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]
     return gathered.permute(0, 3, 1, 2).clone(memory_format=torch.contiguous_format)
+
+
+def random_affine(inputs: torch.Tensor, strength: float, fill: torch.Tensor,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Each view rotated, scaled and sheared by its own random draw, all in one resampling: rotation up to
+    30 degrees x ``strength`` either way, scale between 2**(-0.5 x strength) and 2**(0.5 x strength), horizontal
+    shear up to 0.3 x ``strength``. ``inputs`` are normalised N x C x H x W views; the area the warp uncovers
+    takes ``fill`` (C values: the normalised value of a black pixel, the background of the pool's images)."""
+    n = len(inputs)
+    draws = torch.rand(3, n, generator=generator) * 2 - 1  # in [-1, 1): angle, log2 scale, shear
+    angle = draws[0] * (torch.pi / 6) * strength
+    zoom = torch.exp2(-draws[1] * 0.5 * strength)  # the grid's scale: above 1 shows more, so the content shrinks
+    shear = draws[2] * 0.3 * strength
+    cos, sin = torch.cos(angle) * zoom, torch.sin(angle) * zoom
+    theta = torch.stack([torch.stack([cos, -sin + shear * cos, torch.zeros(n)], 1),
+                         torch.stack([sin, cos + shear * sin, torch.zeros(n)], 1)], 1)
+    theta = to_device(theta, inputs.device).to(inputs.dtype)
+    grid = F.affine_grid(theta, list(inputs.shape), align_corners=False)
+    fill = fill.to(inputs.device, inputs.dtype).view(1, -1, 1, 1)
+    # grid_sample pads with zeros: warp the views less their background so that the padding is the background
+    return F.grid_sample(inputs - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
 def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:

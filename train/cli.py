@@ -108,6 +108,10 @@ def distill(
              "stored logits, which belong to the uncropped image)")] = DistillConfig.crop_padding,
     flip: Annotated[bool, typer.Option(help="random horizontal flips (only where "
                                             "the task allows)")] = DistillConfig.flip,
+    affine: Annotated[float, typer.Option(
+        help="strength in [0, 1] of a random affine warp of every view: rotation up to 30 degrees x it, scale "
+             "between 2**(-it/2) and 2**(it/2), shear up to 0.3 x it; views the pool does not hold, labelled by the "
+             "teacher (needs --teacher)")] = DistillConfig.affine,
     mixup: Annotated[float, typer.Option(help="mixup Beta(alpha, alpha) between samples "
                                               "(needs --teacher)")] = DistillConfig.mixup,
     cutmix: Annotated[float, typer.Option(help="CutMix Beta(alpha, alpha): a box of another sample over that share "

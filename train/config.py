@@ -43,6 +43,7 @@ class DistillConfig:
     warmup_steps: int | None = None  # default 3% of the steps
     crop_padding: int | None = None  # default: 2 with an online teacher, 0 on stored logits (see __post_init__)
     flip: bool = False
+    affine: float = 0.0  # strength of a random rotation, scale and shear per view; needs --teacher
     mixup: float = 0.0  # Beta(alpha, alpha) mixing between samples; needs --teacher for fresh targets
     cutmix: float = 0.0  # a box of another sample over a Beta(alpha, alpha) share of the area; needs --teacher
     balance_views: bool = False  # weight the loss so every class the teacher sees in a batch counts equally
@@ -79,7 +80,7 @@ class DistillConfig:
         if self.student not in MODELS and not is_library_name(self.student):
             raise UserError(f"unknown student {self.student!r}: choose one of {', '.join(sorted(MODELS))}, or a "
                             "library model such as torchvision:mobilenet_v3_small or timm:resnet10t")
-        for name in ("mixup", "cutmix", "boundary_views"):
+        for name in ("affine", "mixup", "cutmix", "boundary_views"):
             if getattr(self, name) > 0 and self.teacher is None:
                 raise UserError(f"--{name.replace('_', '-')} needs --teacher: new images need fresh teacher targets")
         if self.crop_padding is None:
@@ -89,6 +90,8 @@ class DistillConfig:
             # 0.0916 -> 0.0691 on a no-fashion related selection when the crop goes. An online teacher
             # labels each crop itself, so there crops only add views.
             self.crop_padding = 2 if self.teacher is not None else 0
+        if not 0 <= self.affine <= 1:
+            raise UserError(f"--affine {self.affine} is not a strength in [0, 1]: try 0.5 (0 turns it off)")
         if not 0 <= self.boundary_views <= 1:
             raise UserError(f"--boundary-views {self.boundary_views} is not a share of the batch in [0, 1]: try 0.25")
         at_least(1, steps=self.steps, batch_size=self.batch_size, eval_every=self.eval_every,

@@ -37,7 +37,7 @@ from curate.selected import CuratedShards
 from curate.spec import InputSpec
 from curate.teachers import TEACHER_ONLY, Teacher, load_teacher
 from train.adaptive import HardestViews
-from train.augment import mix, random_crop_flip, step_generator
+from train.augment import mix, random_affine, random_crop_flip, step_generator
 from train.average import averaged_student
 from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
@@ -110,6 +110,7 @@ class Trainer:
         self.shards = shards = CuratedShards.open(cfg.shards)
         self.spec = InputSpec.from_meta(shards.manifest["input_spec"])
         self.normalize = self.spec.normalize()
+        self.black = self.normalize(torch.zeros(1, self.spec.in_channels, 1, 1, dtype=torch.uint8)).flatten()
         self.steps = cfg.total_steps(shards.rows)
         student = build_student(cfg, shards)
         self.memory_format = torch.channels_last if channels_last_is_safe(student, device) else torch.contiguous_format
@@ -149,6 +150,8 @@ class Trainer:
         generator = step_generator(cfg.seed, state.step, self.ranks.rank)
         images = random_crop_flip(batch["pixels"], cfg.crop_padding, cfg.flip, generator)
         inputs = self.normalize(images)
+        if cfg.affine > 0:
+            inputs = random_affine(inputs, cfg.affine, self.black, generator)
         if cfg.mixup > 0 or cfg.cutmix > 0:
             inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, state.step, self.ranks.rank)
         inputs = inputs.contiguous(memory_format=self.memory_format)
