@@ -75,7 +75,8 @@ class Recipe:
     def options(self, teacher: Path | str) -> list[str]:
         """Options of `train distill`, with ``teacher`` the teacher file."""
         argv = ["--teacher", str(teacher)] if self.online_teacher else []
-        for name in ("affine", "mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight", "temperature"):
+        for name in ("affine", "mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight",
+                     "temperature"):
             if (value := getattr(self, name)) is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
         return argv + (["--balance-views"] if self.balance_views else [])

@@ -46,13 +46,14 @@ class ForwardPass:
     def __call__(self, images: torch.Tensor) -> BatchScores:
         return self.launch(images).result()
 
-    def launch(self, images: torch.Tensor) -> PendingScores:
-        """Queue the pass over ``images``; ``.result()`` waits for its scores on the host."""
+    def launch(self, images: torch.Tensor, call_rows: int | None = None) -> PendingScores:
+        """Queue the passes over ``images``, ``call_rows`` at a time (default: all in one); ``.result()`` waits for
+        their scores on the host."""
         x = self.normalize(images.to(self.device, non_blocking=True))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode(), self.autocast:
-            return self.probe.launch(x)
+            return self.probe.launch(x, call_rows)
 
 
 # Rows read, scored and written as one batch, in as many teacher calls of --batch-size as it takes: the reader's
@@ -107,10 +108,10 @@ class BatchScorer:
         host builds them."""
         if not len(batch.indices):
             return lambda: None
-        pending = [self.forward.launch(images) for images in batch.images.split(self.batch_size)]
+        pending = self.forward.launch(batch.images, self.batch_size)
 
         def rows() -> pa.RecordBatch:
-            scores = BatchScores.concat([p.result() for p in pending])
+            scores = pending.result()
             z = self.reference.standardize(scores.indicators)
             return record_batch(self.schema, batch.uids, batch.sources, batch.keys, batch.labels, scores, z,
                                 self.reference.relatedness(z))

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -49,16 +49,6 @@ class BatchScores:
     feat_norm: torch.Tensor
     indicators: dict[str, torch.Tensor]  # name -> N float32 (NaN where the teacher cannot provide it)
 
-    @staticmethod
-    def concat(parts: list[BatchScores]) -> BatchScores:
-        """The rows of several teacher calls, in order, as one batch."""
-        if len(parts) == 1:
-            return parts[0]
-        columns = {f.name: None if getattr(parts[0], f.name) is None else torch.cat([getattr(p, f.name) for p in parts])
-                   for f in fields(BatchScores) if f.name != "indicators"}
-        return BatchScores(**columns, indicators={k: torch.cat([p.indicators[k] for p in parts])
-                                                  for k in parts[0].indicators})
-
 
 # The ops a BatchNorm layer becomes in an FX graph (``torch.export``, or TorchScript converted to it); the
 # input is argument 0, the running mean and variance arguments 3 and 4, in all of them.
@@ -69,25 +59,28 @@ LINEAR_OPS = frozenset({torch.ops.aten.linear.default})
 
 
 class BatchNormMoments:
-    """Per-sample channel means and variances at every BatchNorm input of one forward pass, with the layers'
-    running statistics; at the end of the pass, how far each sample falls from them (squared z of the means,
-    squared log-ratio of the variances, averaged over channels, then over layers), for all layers at once.
+    """Per-sample channel means and variances at every BatchNorm input of one or more forward passes, with the
+    layers' running statistics; at the end, how far each sample falls from them (squared z of the means, squared
+    log-ratio of the variances, averaged over channels, then over layers), for every layer and pass at once.
 
-    Two or three operations a layer and a few for the batch, instead of about ten a layer: on a GPU each is a
-    kernel launch, and a small teacher's forward pass is not much more than that.
+    Two or three operations a layer, one concatenation a pass and a few for all of them, instead of about ten a
+    layer and pass: on a GPU each is a kernel launch, and a small teacher's forward pass is not much more than that.
     """
 
     def __init__(self) -> None:
         self.means: list[torch.Tensor] = []
         self.variances: list[torch.Tensor] = []
         self.running: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.passes: list[tuple[torch.Tensor, torch.Tensor]] = []  # per finished pass: (means, variances), N x channels
+        self.widths: tuple[int, ...] = ()
         self._constants: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
     def clear(self) -> None:
-        self.means, self.variances, self.running = [], [], []
+        self.means, self.variances, self.running, self.passes = [], [], [], []
 
     def __len__(self) -> int:
-        return len(self.means)
+        """BatchNorm layers seen by the finished passes."""
+        return len(self.widths) if self.passes else 0
 
     def add(self, x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> None:
         x = x.float()
@@ -102,12 +95,22 @@ class BatchNormMoments:
             var = (x.square().mean((2, 3)) - mean.square()).clamp_min(0)
         self.means.append(mean)
         self.variances.append(var)
-        self.running.append((running_mean, running_var))
+        if len(self.running) < len(self.means):  # an eval-mode teacher's running statistics are the same every pass
+            self.running.append((running_mean, running_var))
+
+    def end_pass(self) -> None:
+        """Close one forward pass: its layers' moments side by side, one row per sample."""
+        if self.means:
+            self.widths = tuple(m.shape[1] for m in self.means)
+            self.passes.append((torch.cat(self.means, 1), torch.cat(self.variances, 1)))
+            self.means, self.variances = [], []
 
     def deviations(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean deviation, variance deviation) per sample, each averaged over channels and layers."""
-        mean, var = torch.cat(self.means, 1), torch.cat(self.variances, 1)
-        widths = tuple(m.shape[1] for m in self.means)
+        """(mean deviation, variance deviation) per sample of every finished pass, in order, each averaged over
+        channels and layers."""
+        mean = torch.cat([m for m, _ in self.passes]) if len(self.passes) > 1 else self.passes[0][0]
+        var = torch.cat([v for _, v in self.passes]) if len(self.passes) > 1 else self.passes[0][1]
+        widths = self.widths
         key = (widths, mean.device)
         if key not in self._constants:  # an eval-mode teacher's running statistics do not change between batches
             self._constants[key] = (
@@ -171,20 +174,29 @@ class TeacherProbe:
     def __call__(self, x: torch.Tensor) -> BatchScores:
         return self.launch(x).result()
 
-    def launch(self, x: torch.Tensor) -> PendingScores:
-        """Queue the pass and the copy of its outputs to the host; on a GPU, without waiting for either."""
-        self._features = None
+    def launch(self, x: torch.Tensor, call_rows: int | None = None) -> PendingScores:
+        """Queue the passes over ``x``, ``call_rows`` images at a time (default: one pass), and the copy of their
+        outputs to the host; on a GPU, without waiting for either. The indicators of all the passes are computed
+        once, together: their two dozen small operations cost as much as a small teacher's pass on 256 images."""
         self.moments.clear()
+        logits, features = [], []
+        for part in x.split(call_rows) if call_rows else (x,):
+            part_logits, part_features = self._forward(part)
+            self.moments.end_pass()
+            logits.append(part_logits.float())
+            features.append(None if part_features is None else part_features.float().flatten(1))
+        return self._scores(logits[0] if len(logits) == 1 else torch.cat(logits),
+                            None if features[0] is None else features[0] if len(features) == 1 else torch.cat(features))
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One pass: logits and penultimate features (None where the teacher gives none)."""
+        self._features = None
         if self.graph is not None:
-            logits = self.graph.logits(x)
-            features = self._features
-        elif self.split_forward:
+            return self.graph.logits(x), self._features
+        if self.split_forward:
             features = self.model.features(x)
-            logits = self.model.classifier(features)
-        else:
-            logits = self.model(x)
-            features = self._features
-        return self._scores(logits.float(), None if features is None else features.float().flatten(1))
+            return self.model.classifier(features), features
+        return self.model(x), self._features
 
     def _scores(self, logits: torch.Tensor, features: torch.Tensor | None) -> PendingScores:
         n = logits.shape[0]
