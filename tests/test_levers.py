@@ -168,9 +168,8 @@ def test_adaptive_balanced_cutmix_run_trains_on_batches_and_reports_held_out_agr
         selected: Path, teacher_path: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
     cfg = DistillConfig(shards=selected, out=out, teacher=teacher_path, cutmix=1.0, mixup=0.4, affine=0.5,
-                        balance_views=True,
-                        boundary_views=0.25, candidates=2.0, holdout=0.2, steps=8, batch_size=32, log_every=4,
-                        eval_every=4, record_rows=True, width=0.25, workers=0, device="cpu")
+                        balance_views=True, boundary_views=0.25, candidates=2.0, holdout=0.2, steps=8, batch_size=32,
+                        log_every=4, eval_every=4, record_rows=True, width=0.25, workers=0, device="cpu")
     history = distill(cfg)["history"]
     assert [r["step"] for r in history] == [4, 8]
     for record in history:

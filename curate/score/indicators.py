@@ -58,6 +58,11 @@ BATCHNORM_OPS = frozenset({torch.ops.aten.batch_norm.default,
 LINEAR_OPS = frozenset({torch.ops.aten.linear.default})
 
 
+def _rows_of(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The rows of the passes' tensors, in order: the one tensor itself (no copy) when there was one pass."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class BatchNormMoments:
     """Per-sample channel means and variances at every BatchNorm input of one or more forward passes, with the
     layers' running statistics; at the end, how far each sample falls from them (squared z of the means, squared
@@ -108,8 +113,7 @@ class BatchNormMoments:
     def deviations(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean deviation, variance deviation) per sample of every finished pass, in order, each averaged over
         channels and layers."""
-        mean = torch.cat([m for m, _ in self.passes]) if len(self.passes) > 1 else self.passes[0][0]
-        var = torch.cat([v for _, v in self.passes]) if len(self.passes) > 1 else self.passes[0][1]
+        mean, var = _rows_of([m for m, _ in self.passes]), _rows_of([v for _, v in self.passes])
         widths = self.widths
         key = (widths, mean.device)
         if key not in self._constants:  # an eval-mode teacher's running statistics do not change between batches
@@ -185,8 +189,7 @@ class TeacherProbe:
             self.moments.end_pass()
             logits.append(part_logits.float())
             features.append(None if part_features is None else part_features.float().flatten(1))
-        return self._scores(logits[0] if len(logits) == 1 else torch.cat(logits),
-                            None if features[0] is None else features[0] if len(features) == 1 else torch.cat(features))
+        return self._scores(_rows_of(logits), None if features[0] is None else _rows_of(features))
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One pass: logits and penultimate features (None where the teacher gives none)."""
