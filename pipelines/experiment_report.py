@@ -289,8 +289,9 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
     if results["ablation"]:
         lines += [f"Every candidate recipe trained once on `related` / `no-fashion` (teacher seed {p.teachers[0]}, "
                   f"student seed {results['ablation'][next(iter(results['ablation']))]['seed']}, not among the final "
-                  "table's seeds); the chosen one is closest to the teacher on the held-out shard rows: the lowest "
-                  "KL(teacher || student) there. Agreement is shown too; test accuracy is shown, not used.", "",
+                  f"table's seeds; {p.ablation_steps or p.steps:,} steps); the chosen one is closest to the teacher "
+                  "on the held-out shard rows: the lowest KL(teacher || student) there. Agreement is shown too; "
+                  "test accuracy is shown, not used.", "",
                   "| recipe | options | held-out KL (criterion) | held-out agreement | test accuracy | "
                   "vs KD on stored logits |", "|---|---|---:|---:|---:|---:|"]
         base = results["ablation"].get("related (KD on stored logits)", {}).get("accuracy")

@@ -14,10 +14,11 @@
    and scored once.
 4. The same student, steps and batch size for every arm: `original` (the teacher's own images, no labels),
    `uniform` and `related` with plain KD on stored logits, `related+signal` with the better learning signal.
-   The ablation (`full`) trains every candidate recipe on `related` / `no-fashion` with a tuning seed and
-   chooses the recipe of `related+signal` by KL(teacher || student) on held-out shard rows (no test label);
-   the other profiles use `CHOSEN` (design.py). Recipes on refined images distil on a `curate refine` copy of
-   the selection's shards and are scored on the unrefined folder's held-out rows, like the others.
+   The ablation (`full`) trains every candidate recipe on `related` / `no-fashion` with a tuning seed, for half
+   the arms' steps (enough to rank them), and chooses the recipe of `related+signal` by KL(teacher || student)
+   on held-out shard rows (no test label); the other profiles use `CHOSEN` (design.py). Recipes on refined
+   images distil on a `curate refine` copy of the selection's shards and are scored on the unrefined folder's
+   held-out rows, like the others.
 5. Every student is evaluated on Fashion-MNIST's test split; `results.json`, `report.md` and plots follow.
 
 Every step is one `curate`/`train` command (listed in the report) run with a completion marker, so running
@@ -161,7 +162,7 @@ class Experiment:
             options += run.recipe.options(d.teacher(run.teacher))
             argv = ["train", "distill", "--shards", str(d.shards(run.teacher, run.data, run.pool)),
                     "--out", str(run.folder), "--student", "resnet8", "--width", str(p.student_width),
-                    "--steps", str(p.steps), "--batch-size", str(p.batch_size), "--holdout", str(p.holdout),
+                    "--steps", str(run.steps), "--batch-size", str(p.batch_size), "--holdout", str(p.holdout),
                     "--eval", TEST_SET, "--eval-every", str(p.eval_every), "--eval-limit", str(p.eval_limit),
                     "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
                     *self.root_options("--eval-root")]
