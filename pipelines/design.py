@@ -107,6 +107,7 @@ INGREDIENTS = {
     "online teacher + mixup": Recipe(online_teacher=True, mixup=0.4),
     "online teacher + CutMix": Recipe(online_teacher=True, cutmix=1.0),
     "online teacher + boundary views": Recipe(online_teacher=True, boundary_views=0.25),
+    "online teacher + affine warps": Recipe(online_teacher=True, affine=0.5),
     "balanced views": Recipe(balance_views=True),
     "adaptive selection": Recipe(candidates=2),
     "hard-label term": Recipe(hard_weight=0.5),
