@@ -21,7 +21,18 @@ from curate.query.export import reopen_pool
 from curate.query.scored import ScoredPool, sql_string
 from curate.spec import InputSpec
 from curate.teachers import load_teacher
-from pipelines.design import ARMS, HELD_OUT_FILE, HIDDEN_SOURCE, POOLS, REPO, TEST_SET, Design, Recipe, Run
+from pipelines.design import (
+    ARMS,
+    HELD_OUT_FILE,
+    HIDDEN_SOURCE,
+    POOLS,
+    RECIPE_CRITERION,
+    REPO,
+    TEST_SET,
+    Design,
+    Recipe,
+    Run,
+)
 from pipelines.steps import StepRunner
 from train.evaluate import Evaluator
 
@@ -89,6 +100,14 @@ def held_out(folder: Path) -> dict[str, float]:
     if (folder / HELD_OUT_FILE).exists():
         return json.loads((folder / HELD_OUT_FILE).read_text())
     return {key[len("eval_"):]: value for key, value in last_metrics(folder).items() if key.startswith("eval_holdout")}
+
+
+def ablation_scores(runs: list[Run]) -> dict[str, float]:
+    """Each candidate's recipe criterion (held-out KL), the mean over its runs: one per tuning seed."""
+    per_seed: dict[str, list[float]] = {}
+    for run in runs:
+        per_seed.setdefault(run.label, []).append(float(held_out(run.folder)[RECIPE_CRITERION]))
+    return {label: float(np.mean(values)) for label, values in per_seed.items()}
 
 
 def summarize(runs: list[Run], test: TestSet) -> dict[str, Any]:
@@ -232,9 +251,13 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
             entry["steps_to_90"] = steps_to(entry["curve"], target)
     for run in design.ablation_runs():
         final = test.final(run)
-        results["ablation"][run.label] = {
-            "accuracy": final["accuracy"], "agreement": final["agreement"], "pool": run.pool, "seed": run.seed,
-            **held_out(run.folder), "options": run.recipe.shown("teacher.pt")}
+        entry = results["ablation"].setdefault(run.label, {"pool": run.pool, "options": run.recipe.shown("teacher.pt"),
+                                                            "seeds": []})
+        entry["seeds"].append({"seed": run.seed, "accuracy": final["accuracy"], "agreement": final["agreement"],
+                               **held_out(run.folder)})
+    for entry in results["ablation"].values():  # every figure's mean over the tuning seeds
+        figures = [key for key in entry["seeds"][0] if key != "seed"]
+        entry.update({key: float(np.mean([s[key] for s in entry["seeds"]])) for key in figures})
     results["selection"] = selection_quality(design, first)
     results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
     results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
@@ -287,20 +310,22 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
     lines += per_class_table(results)
     lines += ["## How the recipe of `related+signal` was chosen", ""]
     if results["ablation"]:
-        lines += [f"Every candidate recipe trained once on `related` / `no-fashion` (teacher seed {p.teachers[0]}, "
-                  f"student seed {results['ablation'][next(iter(results['ablation']))]['seed']}, not among the final "
-                  f"table's seeds; {p.ablation_steps or p.steps:,} steps); the chosen one is closest to the teacher "
-                  "on the held-out shard rows: the lowest KL(teacher || student) there. Agreement is shown too; "
-                  "test accuracy is shown, not used.", "",
-                  "| recipe | options | held-out KL (criterion) | held-out agreement | test accuracy | "
-                  "vs KD on stored logits |", "|---|---|---:|---:|---:|---:|"]
+        seeds = " and ".join(str(s["seed"]) for s in next(iter(results["ablation"].values()))["seeds"])
+        lines += [f"Every candidate recipe trained on `related` / `no-fashion` (teacher seed {p.teachers[0]}, "
+                  f"student seeds {seeds}, not among the final table's; {p.ablation_steps or p.steps:,} steps); the "
+                  "chosen one is closest to the teacher on the held-out shard rows: the lowest KL(teacher || student) "
+                  "there, mean over the seeds. Agreement is shown too; test accuracy is shown, not used. Figures are "
+                  "means over the seeds.", "",
+                  "| recipe | options | held-out KL (criterion) | per seed | held-out agreement | test accuracy | "
+                  "vs KD on stored logits |", "|---|---|---:|---:|---:|---:|---:|"]
         base = results["ablation"].get("related (KD on stored logits)", {}).get("accuracy")
-        for name, entry in results["ablation"].items():
+        for name, entry in sorted(results["ablation"].items(), key=lambda item: item[1]["holdout_kl"]):
             delta = "" if base is None else f"{100 * (entry['accuracy'] - base):+.1f}"
             mark = "**" if name == recipe["chosen"] else ""
+            per_seed = " / ".join(f"{s[RECIPE_CRITERION]:.4f}" for s in entry["seeds"])
             lines.append(f"| {mark}{name}{mark} | `{' '.join(entry['options']) or '(none)'}` | "
-                         f"{entry['holdout_kl']:.4f} | {_pct(entry['holdout_agreement'])} | "
-                         f"{_pct(entry['accuracy'])} | {delta} |")
+                         f"{entry['holdout_kl']:.4f} | {per_seed} | "
+                         f"{_pct(entry['holdout_agreement'])} | {_pct(entry['accuracy'])} | {delta} |")
         lines.append("")
     else:
         lines += [f"This profile runs no ablation: it uses `{recipe['chosen']}`, the recipe chosen by "

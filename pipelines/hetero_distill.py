@@ -49,7 +49,7 @@ from pipelines.design import (
     Recipe,
     Run,
 )
-from pipelines.experiment_report import held_out, write_experiment_report
+from pipelines.experiment_report import ablation_scores, write_experiment_report
 from pipelines.steps import Lanes, Step, StepRunner, console
 
 
@@ -113,12 +113,13 @@ class Experiment:
     # -- students --------------------------------------------------------------------------------------------
 
     def choose_recipe(self) -> Recipe:
-        """The recipe of `related+signal`: with the ablation, the candidate whose student is closest to the teacher
-        on held-out rows of its shards (no test label); without, the one the `full` profile chose."""
+        """The recipe of `related+signal`: with the ablation, the candidate whose students are closest to the
+        teacher on held-out rows of their shards, mean over the tuning seeds (no test label); without, the one the
+        `full` profile chose."""
         runs = self.design.ablation_runs()
         self.distill(runs)
         if runs:
-            scores = {run.label: float(held_out(run.folder)[RECIPE_CRITERION]) for run in runs}
+            scores = ablation_scores(runs)
             chosen, how = min(scores, key=scores.__getitem__), "this experiment's ablation"
         else:
             scores, chosen, how = {}, CHOSEN, CHOSEN_BY

@@ -372,6 +372,10 @@ def test_resume_with_the_same_paths_written_otherwise(selected: Path, tmp_path: 
     assert distill(again, resume=True)["steps"] == 4
     with pytest.raises(UserError, match="changed config \\(temperature\\)"):
         distill(DistillConfig(**{**again.__dict__, "temperature": 2.0}), resume=True)
+    # a run folder moved elsewhere (another disk, a new layout) resumes from where it now is
+    (tmp_path / "run" / "student.pt").unlink()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    assert distill(DistillConfig(**{**first.__dict__, "out": Path("moved")}), resume=True)["steps"] == 4
 
 
 # -- 9. smaller holes --------------------------------------------------------------------------------------------

@@ -51,9 +51,11 @@ def load_latest_checkpoint(cfg: DistillConfig) -> dict[str, Any]:
             state = torch.load(path, map_location="cpu", weights_only=False)
         except Exception:  # a checkpoint cut short is skipped for the one before it
             continue
-        # an option the checkpoint does not name came after it was written: it ran with that option's default
+        # an option the checkpoint does not name came after it was written: it ran with that option's default.
+        # `out` is the folder the checkpoint was just read from: a run folder moved elsewhere resumes there.
         ran = {**DistillConfig(shards=cfg.shards).resolved(), **state["config"]}
-        changed = {k for k, v in cfg.resolved().items() if k not in SPEED_ONLY and not same_option(k, ran.get(k), v)}
+        changed = {k for k, v in cfg.resolved().items()
+                   if k not in SPEED_ONLY | {"out"} and not same_option(k, ran.get(k), v)}
         if changed:
             raise UserError(f"--resume with a changed config ({', '.join(sorted(changed))}): use the same options "
                             f"as the run in {cfg.out}, or a new --out")
