@@ -9,11 +9,37 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 POOL_SPEC = REPO / "data" / "pools" / "related-hidden.toml"
-ORIGINAL_SPEC = REPO / "data" / "pools" / "fashion-original.toml"
-TEST_SET = "fashion-mnist:test"
-HIDDEN_SOURCE = "fashion-hidden"
-POOLS = {"related-hidden": None, "no-fashion": f"source <> '{HIDDEN_SOURCE}'"}  # pool -> filter on the scores
 ARMS = ("original", "uniform", "related", "related+signal")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the teacher learns, what it is tested on, and the pools its students are distilled from."""
+
+    name: str
+    title: str  # the task as the report names it
+    original: str  # dataset (KIND:SPLIT or a .toml mix) of the teacher's training images: the "original data"
+    original_title: str
+    test: str  # the labeled test split of every figure
+    flip: bool  # whether horizontal flips keep an image's class (not for digits)
+    teacher_epochs: int  # of the default and full profiles
+    pools: dict[str, str | None]  # pool -> filter on the scores of POOL_SPEC
+    unrelated: str  # the pool that holds nothing of the task: where the ablation runs and classes go missing
+    hidden_source: str | None = None  # the pool's source of the task's own images, labels hidden
+
+
+TASKS = {
+    # The pool holds the other half of Fashion-MNIST train, labels hidden; `no-fashion` is the pool without it.
+    "fashion": Task("fashion", "Fashion-MNIST", original=str(REPO / "data" / "pools" / "fashion-original.toml"),
+                    original_title="the first half of Fashion-MNIST train", test="fashion-mnist:test", flip=True,
+                    teacher_epochs=5, hidden_source="fashion-hidden",
+                    pools={"related-hidden": None, "no-fashion": "source <> 'fashion-hidden'"}, unrelated="no-fashion"),
+    # The check that the method carries over to another teacher: digits, with the same pool minus its MNIST
+    # digits. What is left of the task there is scikit-learn's 1,797 8x8 digits and a few rendered glyphs.
+    "digits": Task("digits", "MNIST digits", original=str(REPO / "data" / "pools" / "digits-original.toml"),
+                   original_title="4,000 of the 5,000 MNIST digits (mnist5k:train)", test="mnist5k:test",
+                   flip=False, teacher_epochs=30, pools={"no-mnist": "source <> 'mnist5k'"}, unrelated="no-mnist"),
+}
 
 
 @dataclass(frozen=True)
@@ -21,12 +47,12 @@ class Profile:
     name: str
     pool_scale: float  # fraction of every source of the pool spec
     original_scale: float  # fraction of the teacher's training images used by the `original` arm
-    teacher_epochs: int
+    teacher_epochs: int | None  # None: the task's
     teacher_limit: int | None
-    # images per selection of a pool arm. default and full: 30,000, as many as the teacher's own training
-    # images (the `original` arm), so the pool arms differ from it in which images they hold, not in how many.
-    # quick keeps 2,000 from its 6,900-image pool, which holds 1,500 hidden Fashion-MNIST images.
-    budget: int
+    # images per selection of a pool arm. None: as many as the teacher's own training images (the `original`
+    # arm), so the pool arms differ from it in which images they hold, not in how many. quick keeps 2,000 from its
+    # 6,900-image pool, which holds 1,500 hidden Fashion-MNIST images.
+    budget: int | None
     student_width: float
     steps: int
     batch_size: int
@@ -51,10 +77,10 @@ PROFILES = {
     "quick": Profile("quick", pool_scale=0.05, original_scale=0.1, teacher_epochs=2, teacher_limit=6000, budget=2000,
                      student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, teachers=(0,),
                      seeds=(1,), ablation=False, test_limit=2000),
-    "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None,
-                       budget=30000, student_width=0.5, steps=2000, batch_size=128, eval_every=50, eval_limit=1000,
+    "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=None, teacher_limit=None,
+                       budget=None, student_width=0.5, steps=2000, batch_size=128, eval_every=50, eval_limit=1000,
                        teachers=(0,), seeds=(1,), ablation=False),
-    "full": Profile("full", pool_scale=1.0, original_scale=1.0, teacher_epochs=5, teacher_limit=None, budget=30000,
+    "full": Profile("full", pool_scale=1.0, original_scale=1.0, teacher_epochs=None, teacher_limit=None, budget=None,
                     student_width=0.5, steps=6000, batch_size=128, eval_every=50, eval_limit=1000, teachers=(0, 1),
                     seeds=(1, 2, 3), ablation=True, ablation_steps=3000),
 }
@@ -155,9 +181,10 @@ class Run:
 
 @dataclass(frozen=True)
 class Design:
-    """One experiment: its profile, where it writes (``out``), where the data is read (``root``). Everything
-    that depends on a teacher lives in ``out/teacher<seed>/``."""
+    """One experiment: its task and profile, where it writes (``out``), where the data is read (``root``).
+    Everything that depends on a teacher lives in ``out/teacher<seed>/``."""
 
+    task: Task
     profile: Profile
     out: Path
     root: Path | None
@@ -185,12 +212,12 @@ class Design:
         return self.out / "recipe.json"
 
     def ablation_runs(self) -> list[Run]:
-        """Every candidate recipe on `related` / no-fashion, first teacher, each tuning seed (empty without the
-        ablation)."""
+        """Every candidate recipe on `related` in the task's unrelated pool, first teacher, each tuning seed (empty
+        without the ablation)."""
         if not self.profile.ablation:
             return []
         t, steps = self.profile.teachers[0], self.profile.ablation_steps or self.profile.steps
-        return [Run(name, recipe.data(), "no-fashion", t, seed, recipe,
+        return [Run(name, recipe.data(), self.task.unrelated, t, seed, recipe,
                     self.base(t) / "ablation" / _slug(name) / f"seed{seed}", steps)
                 for name, recipe in CANDIDATES.items() for seed in TUNING_SEEDS]
 
@@ -201,7 +228,7 @@ class Design:
             for arm in ARMS:
                 recipe = signal if arm == "related+signal" else STORED_LOGITS
                 data = {"original": "original", "uniform": "uniform"}.get(arm, recipe.data())
-                for pool in ["original"] if arm == "original" else POOLS:
+                for pool in ["original"] if arm == "original" else self.task.pools:
                     runs += [Run(arm, data, pool, t, s, recipe, self.run_dir(t, arm, pool, s), self.profile.steps)
                              for s in self.profile.seeds]
         return runs

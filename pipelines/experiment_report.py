@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from curate.device import pick_device
-from curate.pools import PoolDataset
+from curate.pools import PoolDataset, open_pool
 from curate.query.export import reopen_pool
 from curate.query.scored import ScoredPool, sql_string
 from curate.spec import InputSpec
@@ -24,11 +24,8 @@ from curate.teachers import load_teacher
 from pipelines.design import (
     ARMS,
     HELD_OUT_FILE,
-    HIDDEN_SOURCE,
-    POOLS,
     RECIPE_CRITERION,
     REPO,
-    TEST_SET,
     Design,
     Recipe,
     Run,
@@ -65,8 +62,8 @@ class TestSet:
         if t not in self.evaluators:
             device = pick_device("auto")
             teacher = load_teacher(self.design.teacher(t), device=device)
-            self.evaluators[t] = Evaluator(TEST_SET, self.design.root, teacher.spec, teacher.num_classes, teacher,
-                                           device, limit=self.design.profile.test_limit)
+            self.evaluators[t] = Evaluator(self.design.task.test, self.design.root, teacher.spec,
+                                           teacher.num_classes, teacher, device, limit=self.design.profile.test_limit)
         return self.evaluators[t]
 
     def teacher_accuracy(self, t: int) -> float:
@@ -131,21 +128,28 @@ def steps_to(curve_points: list[list[float]], target: float) -> int | None:
 
 
 def selection_quality(design: Design, t: int) -> dict[str, dict[str, Any]]:
-    """Per pool and selection of teacher ``t``: rows, how much of it is the hidden Fashion-MNIST half (precision)
-    and how much of that half it found (recall)."""
-    selections = [design.selection(t, arm, pool) for pool in POOLS for arm in ("uniform", "related")]
+    """Per pool and selection of teacher ``t``: rows, predicted classes, the smallest class's share of the rows
+    and, where the pool hides the task's own images, how much of the selection they are (precision) and how
+    much of them it found (recall)."""
+    task = design.task
+    selections = [design.selection(t, arm, pool) for pool in task.pools for arm in ("uniform", "related")]
     con = ScoredPool.open(design.scored(t, "pool")).connect(other_files=tuple(selections))
-    hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = '{HIDDEN_SOURCE}'").fetchone()[0]
+    hidden_source = sql_string(task.hidden_source or "")
+    hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = {hidden_source}").fetchone()[0]
     quality: dict[str, dict[str, Any]] = {}
-    for pool in POOLS:
+    for pool in task.pools:
         for arm in ("uniform", "related"):
             path = sql_string(str(design.selection(t, arm, pool)))
             rows, found, classes = con.execute(f"""
-                SELECT count(*), count(*) FILTER (WHERE s.source = '{HIDDEN_SOURCE}'), count(DISTINCT s.pred)
+                SELECT count(*), count(*) FILTER (WHERE s.source = {hidden_source}), count(DISTINCT s.pred)
                 FROM read_parquet({path}) sel JOIN scores s USING (uid)""").fetchone()
+            smallest = con.execute(f"""
+                SELECT min(n) FROM (SELECT count(*) AS n FROM read_parquet({path}) sel JOIN scores s USING (uid)
+                GROUP BY s.pred)""").fetchone()[0]
             quality.setdefault(pool, {})[arm] = {
-                "rows": rows, "hidden_fashion_rows": found, "predicted_classes": classes,
-                "precision": found / rows if rows else 0.0, "recall": found / hidden if hidden else None}
+                "rows": rows, "predicted_classes": classes, "smallest_class_share": (smallest or 0) / rows if rows
+                else 0.0, **({"hidden_rows": found, "precision": found / rows if rows else 0.0,
+                              "recall": found / hidden if hidden else None} if task.hidden_source else {})}
     return quality
 
 
@@ -219,11 +223,11 @@ def _spread(values: list[float]) -> str:
     return f" ± {100 * np.std(values, ddof=1):.1f}" if len(values) > 1 else ""
 
 
-def per_class_table(results: dict[str, Any]) -> list[str]:
-    """Test accuracy per class of the `no-fashion` students (with `original` for reference): which classes
-    a pool without the task's images cannot teach."""
-    columns = [("original", "original")] + [(arm, "no-fashion") for arm in ARMS[1:]]
-    lines = ["## Per class, pool `no-fashion`", "",
+def per_class_table(results: dict[str, Any], pool: str) -> list[str]:
+    """Test accuracy per class of the students of ``pool``, the one without the task's images (with `original`
+    for reference): which classes such a pool cannot teach."""
+    columns = [("original", "original")] + [(arm, pool) for arm in ARMS[1:]]
+    lines = [f"## Per class, pool `{pool}`", "",
              "| class | " + " | ".join(f"{arm}" + ("" if pool == "original" else f" ({pool})")
                                       for arm, pool in columns) + " |",
              "|---|" + "---:|" * len(columns)]
@@ -242,7 +246,7 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
                                "teacher_accuracies": teachers, "class_names": class_names(design), "arms": {},
                                "recipe": json.loads(design.recipe_file.read_text()), "ablation": {}}
     for arm in ARMS:
-        for pool in ["original"] if arm == "original" else list(POOLS):
+        for pool in ["original"] if arm == "original" else list(design.task.pools):
             group = [r for r in arm_runs if r.label == arm and r.pool == pool]
             results["arms"].setdefault(arm, {})[pool] = summarize(group, test)
     target = STEPS_TO_FRACTION * results["arms"]["original"]["original"]["accuracy"]
@@ -263,7 +267,7 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
     results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-    plot_curves(results, list(POOLS), out / "curves.png")
+    plot_curves(results, list(design.task.pools), out / "curves.png")
     grid = out / "samples_by_source.png"
     if not is_fresh(grid, design.scored(first, "pool") / "_manifest.json"):
         plot_sample_grid(design, first, grid)  # decodes photos: drawn again only when the pool was scored again
@@ -277,18 +281,22 @@ def class_names(design: Design) -> list[str]:
 
 def render_markdown(results: dict[str, Any], design: Design) -> str:
     p = design.profile
-    teacher_data = f"{p.teacher_limit:,} images of the first half" if p.teacher_limit else "the first half"
+    task = design.task
+    teacher_data = f"at most {p.teacher_limit:,} images of {task.original_title}" if p.teacher_limit \
+        else task.original_title
     original = results["arms"]["original"]["original"]
     teachers = results["teacher_accuracies"]
-    test_images = f"a seeded {p.test_limit:,}-image subset" if p.test_limit else "all"
+    split = len(open_pool(task.test, design.root))
+    test_images = f"a seeded {p.test_limit:,}-image subset" if p.test_limit and p.test_limit < split else "all"
+    curve_images = f"a seeded {p.eval_limit:,}-image subset" if p.eval_limit < split else "all of it"
     students = f"{len(p.teachers)} teacher{'s' if len(p.teachers) > 1 else ''} x {len(p.seeds)} student " \
                f"seed{'s' if len(p.seeds) > 1 else ''}"
-    lines = [f"# Distilling a Fashion-MNIST teacher from heterogeneous pools (profile `{p.name}`)", "",
-             f"Teacher: resnet8 on {teacher_data} of Fashion-MNIST train ({len(teachers)} seed"
+    lines = [f"# Distilling a teacher of {task.title} from heterogeneous pools (profile `{p.name}`)", "",
+             f"Teacher: resnet8 on {teacher_data} ({len(teachers)} seed"
              f"{'s' if len(teachers) > 1 else ''}), **{_pct(results['teacher_accuracy'])}**{_spread(teachers)} "
              f"test accuracy. Student: resnet8 at width {p.student_width}, {p.steps:,} steps of {p.batch_size} "
              f"for every arm, {100 * p.holdout:.0f}% of its shard rows held out. Test: {test_images} of "
-             f"Fashion-MNIST's 10,000 test images (curves: a seeded {p.eval_limit:,}-image subset). Figures: mean ± "
+             f"the {split:,} images of `{task.test}` (curves: {curve_images}). Figures: mean ± "
              f"standard deviation over {students}.", "",
              "| arm | pool | test accuracy | agreement with teacher | held-out KL | steps to 90% of original |",
              "|---|---|---:|---:|---:|---:|"]
@@ -307,11 +315,11 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
               "class weights as sampling probabilities, KD (T=4) on stored logits. `related+signal`: the same "
               f"shards{' refined by `curate refine`' if recipe.get('refined') else ''} with "
               f"`{' '.join(recipe['options'])}` ({recipe['chosen']}).", ""]
-    lines += per_class_table(results)
+    lines += per_class_table(results, task.unrelated)
     lines += ["## How the recipe of `related+signal` was chosen", ""]
     if results["ablation"]:
         seeds = " and ".join(str(s["seed"]) for s in next(iter(results["ablation"].values()))["seeds"])
-        lines += [f"Every candidate recipe trained on `related` / `no-fashion` (teacher seed {p.teachers[0]}, "
+        lines += [f"Every candidate recipe trained on `related` / `{task.unrelated}` (teacher seed {p.teachers[0]}, "
                   f"student seeds {seeds}, not among the final table's; {p.ablation_steps or p.steps:,} steps); the "
                   "chosen one is closest to the teacher on the held-out shard rows: the lowest KL(teacher || student) "
                   "there, mean over the seeds. Agreement is shown too; test accuracy is shown, not used. Figures are "
@@ -330,17 +338,22 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
     else:
         lines += [f"This profile runs no ablation: it uses `{recipe['chosen']}`, the recipe chosen by "
                   f"{recipe['chosen_by']} (closest to the teacher on held-out shard rows; no test label).", ""]
-    lines += ["## Selections", "", f"Teacher seed {p.teachers[0]}. Share of each selection taken from the hidden "
-              "Fashion-MNIST half (precision) and share of that half it took (recall); `no-fashion` excludes that "
-              "source by construction.", "",
-              "| pool | selection | rows | predicted classes | hidden Fashion-MNIST rows | precision | recall |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+    hidden = task.hidden_source
+    lines += ["## Selections", "", f"Teacher seed {p.teachers[0]}. `smallest class`: the share of the selection the "
+              "teacher assigns to its least predicted class (10% would be even)."
+              + (f" Share of each selection taken from the pool's hidden {task.title} images (source `{hidden}`: "
+                 f"precision) and share of them it took (recall); `{task.unrelated}` excludes that source by "
+                 "construction." if hidden else ""), "",
+              "| pool | selection | rows | predicted classes | smallest class |"
+              + (f" hidden {task.title} rows | precision | recall |" if hidden else ""),
+              "|---|---|---:|---:|---:|" + ("---:|---:|---:|" if hidden else "")]
     for pool, arms in results["selection"].items():
         for arm, q in arms.items():
             lines.append(f"| {pool} | {arm} | {q['rows']:,} | {q['predicted_classes']} | "
-                         f"{q['hidden_fashion_rows']:,} | "
-                         f"{_pct(q['precision'])} | {_pct(q['recall'])} |")
-    reports = [f"[{pool}](teacher{p.teachers[0]}/selection-report/{pool}/report.md)" for pool in POOLS]
+                         f"{_pct(q['smallest_class_share'])} |"
+                         + (f" {q['hidden_rows']:,} | {_pct(q['precision'])} | {_pct(q['recall'])} |" if hidden
+                            else ""))
+    reports = [f"[{pool}](teacher{p.teachers[0]}/selection-report/{pool}/report.md)" for pool in task.pools]
     lines += ["", "Composition of the `related` selections per source and per predicted class: "
               + ", ".join(reports) + ".", "",
               "![pool samples per source](samples_by_source.png)", "",

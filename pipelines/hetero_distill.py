@@ -3,6 +3,7 @@
     python -m pipelines.hetero_distill --profile default   # one teacher, one student per arm: ~30 min on 2 cores
     python -m pipelines.hetero_distill --profile quick     # about 3 min
     python -m pipelines.hetero_distill --profile full      # 2 teachers x 3 students per arm, the ablation: hours
+    python -m pipelines.hetero_distill --task digits       # the same for an MNIST-digit teacher (design.TASKS)
 
 1. A `resnet8` teacher learns one half of Fashion-MNIST's training split (the "original data"); `full` trains
    two, from different seeds, and repeats steps 2-4 for each.
@@ -20,6 +21,11 @@
    images distil on a `curate refine` copy of the selection's shards and are scored on the unrefined folder's
    held-out rows, like the others.
 5. Every student is evaluated on Fashion-MNIST's test split; `results.json`, `report.md` and plots follow.
+
+`--task digits` asks whether the method carries over to another teacher: a digit teacher learns 4,000 of the
+5,000 MNIST digits, and its students come from the same pool without its MNIST source (`no-mnist`), where
+the task is down to scikit-learn's 8x8 digits and a few rendered glyphs; the recipe is the one chosen for
+Fashion-MNIST, untouched.
 
 Every step is one `curate`/`train` command (listed in the report) run with a completion marker, so running
 the same command again after an interruption continues (pipelines/steps.py).
@@ -39,12 +45,10 @@ from pipelines.design import (
     CHOSEN,
     CHOSEN_BY,
     HELD_OUT_FILE,
-    ORIGINAL_SPEC,
     POOL_SPEC,
-    POOLS,
     PROFILES,
     RECIPE_CRITERION,
-    TEST_SET,
+    TASKS,
     Design,
     Recipe,
     Run,
@@ -68,9 +72,9 @@ class Experiment:
 
     def train_teacher(self, t: int) -> None:
         d, p = self.design, self.design.profile
-        argv = ["train", "teacher", "--dataset", str(ORIGINAL_SPEC), "--test-dataset", TEST_SET, "--arch", "resnet8",
-                "--epochs", str(p.teacher_epochs), "--flip", "--seed", str(t), "--out", str(d.teacher(t)),
-                *self.root_options()]
+        argv = ["train", "teacher", "--dataset", d.task.original, "--test-dataset", d.task.test, "--arch", "resnet8",
+                "--epochs", str(p.teacher_epochs or d.task.teacher_epochs), "--flip" if d.task.flip else "--no-flip",
+                "--seed", str(t), "--out", str(d.teacher(t)), *self.root_options()]
         if p.teacher_limit:
             argv += ["--limit", str(p.teacher_limit)]
         self.runner.run(Step(f"teacher{t}", "train teacher", argv, output=d.teacher(t)))
@@ -78,7 +82,7 @@ class Experiment:
     def score(self, t: int) -> None:
         d = self.design
         for name, spec, scale in (("pool", POOL_SPEC, d.profile.pool_scale),
-                                  ("original", ORIGINAL_SPEC, d.profile.original_scale)):
+                                  ("original", d.task.original, d.profile.original_scale)):
             argv = ["curate", "score", "--teacher", str(d.teacher(t)), "--pool", str(spec), "-o", f"scale={scale}",
                     "--out", str(d.scored(t, name)), *self.root_options()]
             self.runner.run(Step(f"teacher{t}-score-{name}", "score", argv, writes=d.scored(t, name)))
@@ -86,13 +90,13 @@ class Experiment:
     def select_and_export(self, t: int) -> None:
         d = self.design
         original_rows = ScoredPool.open(d.scored(t, "original")).rows
+        budget = str(d.profile.budget or original_rows)
         plans = [("original", "original", ["--strategy", "uniform", "--budget", str(original_rows)], "original")]
-        for pool, where in POOLS.items():
+        for pool, where in d.task.pools.items():
             filters = ["--where", where] if where else []
-            plans.append(("uniform", pool, ["--strategy", "uniform", "--budget", str(d.profile.budget), *filters],
-                          "pool"))
-            plans.append(("related", pool, ["--strategy", "balanced", "--budget", str(d.profile.budget),
-                                            "--weights", "class", *filters], "pool"))
+            plans.append(("uniform", pool, ["--strategy", "uniform", "--budget", budget, *filters], "pool"))
+            plans.append(("related", pool, ["--strategy", "balanced", "--budget", budget, "--weights", "class",
+                                            *filters], "pool"))
         for arm, pool, options, scored in plans:
             selection, shards = d.selection(t, arm, pool), d.shards(t, arm, pool)
             self.runner.run(Step(f"teacher{t}-select-{arm}-{pool}", "select", [
@@ -104,7 +108,7 @@ class Experiment:
 
     def report_selections(self, t: int) -> None:
         d = self.design
-        for pool in POOLS:
+        for pool in d.task.pools:
             self.runner.run(Step(f"teacher{t}-report-{pool}", "report", [
                 "curate", "report", "--scored", str(d.scored(t, "pool")), "--selection",
                 str(d.selection(t, "related", pool)), "--out", str(d.base(t) / "selection-report" / pool)],
@@ -164,7 +168,7 @@ class Experiment:
             argv = ["train", "distill", "--shards", str(d.shards(run.teacher, run.data, run.pool)),
                     "--out", str(run.folder), "--student", "resnet8", "--width", str(p.student_width),
                     "--steps", str(run.steps), "--batch-size", str(p.batch_size), "--holdout", str(p.holdout),
-                    "--eval", TEST_SET, "--eval-every", str(p.eval_every), "--eval-limit", str(p.eval_limit),
+                    "--eval", d.task.test, "--eval-every", str(p.eval_every), "--eval-limit", str(p.eval_limit),
                     "--log-every", str(p.eval_every), "--seed", str(run.seed), *options,
                     *self.root_options("--eval-root")]
             steps.append(Step(self.step_name("distill", run), "distill", argv, writes=run.folder,
@@ -177,7 +181,11 @@ class Experiment:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="default")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default results/<profile>)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="fashion",
+                        help="the teacher's task: fashion (Fashion-MNIST, the main experiment) or digits (MNIST "
+                             "digits from a pool without them: does the method carry over to another teacher?)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results folder (default results/<profile>, results/<task>-<profile> for other tasks)")
     parser.add_argument("--root", type=Path, default=None, help="data folder (default $CURATE_DATA or ./data)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="students trained at once, each in its own process with an equal share of the cores "
@@ -185,10 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
-    profile = PROFILES[args.profile]
-    design = Design(profile, args.out or Path("results") / profile.name, args.root)
+    profile, task = PROFILES[args.profile], TASKS[args.task]
+    out = args.out or Path("results") / (profile.name if task.name == "fashion" else f"{task.name}-{profile.name}")
+    design = Design(task, profile, out, args.root)
     experiment = Experiment(design, Lanes.for_this_machine(args.jobs))
-    (design.out / "profile.json").write_text(json.dumps(asdict(profile), indent=1))
+    (design.out / "profile.json").write_text(json.dumps({**asdict(profile), "task": asdict(task)}, indent=1))
     try:
         for t in profile.teachers:
             experiment.train_teacher(t)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.design import CANDIDATES, HELD_OUT_FILE, PROFILES, TUNING_SEEDS, Design
+from pipelines.design import CANDIDATES, HELD_OUT_FILE, PROFILES, TASKS, TUNING_SEEDS, Design
 from pipelines.experiment_report import ablation_scores
 
 
@@ -22,7 +22,7 @@ def finish(folder: Path, holdout_kl: float, steps: int = 3000) -> None:
 
 
 def test_every_candidate_runs_once_per_tuning_seed_in_its_own_folder(tmp_path: Path) -> None:
-    design = Design(PROFILES["full"], tmp_path, None)
+    design = Design(TASKS["fashion"], PROFILES["full"], tmp_path, None)
     runs = design.ablation_runs()
     assert len(TUNING_SEEDS) >= 2 and not set(TUNING_SEEDS) & set(PROFILES["full"].seeds)
     assert sorted((run.label, run.seed) for run in runs) == sorted(
@@ -30,11 +30,11 @@ def test_every_candidate_runs_once_per_tuning_seed_in_its_own_folder(tmp_path: P
     assert len({run.folder for run in runs}) == len(runs)
     assert {run.steps for run in runs} == {PROFILES["full"].ablation_steps}
     assert {run.steps for run in design.arm_runs(CANDIDATES["online teacher"])} == {PROFILES["full"].steps}
-    assert Design(PROFILES["default"], tmp_path, None).ablation_runs() == []
+    assert Design(TASKS["fashion"], PROFILES["default"], tmp_path, None).ablation_runs() == []
 
 
 def test_the_recipe_criterion_is_the_mean_over_the_tuning_seeds(tmp_path: Path) -> None:
-    design = Design(PROFILES["full"], tmp_path, None)
+    design = Design(TASKS["fashion"], PROFILES["full"], tmp_path, None)
     # "online teacher" has the single best run, "online teacher + mixup" the better mean
     kl = {("online teacher", TUNING_SEEDS[0]): 0.040, ("online teacher", TUNING_SEEDS[1]): 0.070,
           ("online teacher + mixup", TUNING_SEEDS[0]): 0.050, ("online teacher + mixup", TUNING_SEEDS[1]): 0.052}
@@ -47,7 +47,7 @@ def test_the_recipe_criterion_is_the_mean_over_the_tuning_seeds(tmp_path: Path) 
 
 
 def test_a_refined_candidate_is_scored_on_the_unrefined_rows(tmp_path: Path) -> None:
-    design = Design(PROFILES["full"], tmp_path, None)
+    design = Design(TASKS["fashion"], PROFILES["full"], tmp_path, None)
     runs = [run for run in design.ablation_runs() if run.label == "refined images"]
     for run in runs:
         finish(run.folder, 0.01)  # its own held-out rows are partly refined: not the figure that counts

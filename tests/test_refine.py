@@ -113,12 +113,12 @@ def test_refine_refuses_another_teacher_a_used_folder_and_bad_options(
 
 def test_the_experiment_distils_refined_recipes_on_the_refined_copy_and_scores_them_on_the_unrefined_rows(
         selected: Path, teacher_path: Path, tmp_path: Path) -> None:
-    from pipelines.design import CANDIDATES, PROFILES, TUNING_SEEDS, Design
+    from pipelines.design import CANDIDATES, PROFILES, TASKS, TUNING_SEEDS, Design
     from pipelines.experiment_report import held_out
     from pipelines.hetero_distill import Experiment
     from pipelines.steps import Lanes
 
-    design = Design(PROFILES["full"], tmp_path / "experiment", None)
+    design = Design(TASKS["fashion"], PROFILES["full"], tmp_path / "experiment", None)
     refined_runs = [run for run in design.ablation_runs() if run.recipe.refine]
     assert len(refined_runs) == 2 * len(TUNING_SEEDS) and {run.data for run in refined_runs} == {"refined"}
     signal = [run for run in design.arm_runs(CANDIDATES["refined images"]) if run.label == "related+signal"]
