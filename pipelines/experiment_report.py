@@ -340,7 +340,7 @@ def render_markdown(results: dict[str, Any], design: Design) -> str:
                   f"{recipe['chosen_by']} (closest to the teacher on held-out shard rows; no test label).", ""]
     hidden = task.hidden_source
     lines += ["## Selections", "", f"Teacher seed {p.teachers[0]}. `smallest class`: the share of the selection the "
-              "teacher assigns to its least predicted class (10% would be even)."
+              f"teacher assigns to its least predicted class ({_pct(1 / len(results['class_names']))} would be even)."
               + (f" Share of each selection taken from the pool's hidden {task.title} images (source `{hidden}`: "
                  f"precision) and share of them it took (recall); `{task.unrelated}` excludes that source by "
                  "construction." if hidden else ""), "",
