@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from curate.errors import UserError
@@ -49,6 +49,7 @@ from pipelines.design import (
     PROFILES,
     RECIPE_CRITERION,
     TASKS,
+    TUNING_SEEDS,
     Design,
     Recipe,
     Run,
@@ -186,6 +187,10 @@ def main(argv: list[str] | None = None) -> None:
                              "digits from a pool without them: does the method carry over to another teacher?)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results folder (default results/<profile>, results/<task>-<profile> for other tasks)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="student seeds per teacher and arm, for mean ± std over them (default: the profile's; "
+                             f"{' and '.join(map(str, TUNING_SEEDS))} are the ablation's). Students already trained "
+                             "are kept: adding seeds to a finished run trains only the new ones")
     parser.add_argument("--root", type=Path, default=None, help="data folder (default $CURATE_DATA or ./data)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="students trained at once, each in its own process with an equal share of the cores "
@@ -194,6 +199,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.jobs is not None and args.jobs < 1:
         parser.error("--jobs must be at least 1")
     profile, task = PROFILES[args.profile], TASKS[args.task]
+    if args.seeds is not None:
+        if any(seed < 0 for seed in args.seeds) or len(set(args.seeds)) < len(args.seeds):
+            parser.error("--seeds takes distinct seeds of 0 or more")
+        if set(args.seeds) & set(TUNING_SEEDS):
+            parser.error(f"--seeds {' and '.join(map(str, TUNING_SEEDS))} are the ablation's tuning seeds, which "
+                         "the final table does not use: pick others")
+        profile = replace(profile, seeds=tuple(args.seeds))
     out = args.out or Path("results") / (profile.name if task.name == "fashion" else f"{task.name}-{profile.name}")
     design = Design(task, profile, out, args.root)
     experiment = Experiment(design, Lanes.for_this_machine(args.jobs))

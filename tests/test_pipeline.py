@@ -21,9 +21,10 @@ pytestmark = pytest.mark.slow
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
-def run(out: Path, task: str = "fashion") -> subprocess.CompletedProcess:
+def run(out: Path, task: str = "fashion", *options: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.hetero_distill", "--profile", "quick", "--task", task,
-                           "--out", str(out)], capture_output=True, text=True, cwd=Path(__file__).parent.parent)
+                           "--out", str(out), *options], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
 
 
 def run_quick(tmp_path_factory, task: str) -> Path:
@@ -83,7 +84,7 @@ def test_related_beats_uniform_at_the_quick_scale(quick: Path) -> None:
 def test_a_rerun_continues_instead_of_starting_over(quick: Path) -> None:
     before = json.loads((quick / "results.json").read_text())
     started = time.perf_counter()
-    again = run(quick)
+    again = run(quick, "fashion", "--seeds", *map(str, PROFILES["quick"].seeds))  # the profile's own seeds
     assert again.returncode == 0, again.stderr[-3000:]
     assert time.perf_counter() - started < 60  # every step has its completion marker: only the report is redone
     assert json.loads((quick / "results.json").read_text())["arms"] == before["arms"]
@@ -115,3 +116,10 @@ def test_the_digits_task_runs_from_a_pool_without_its_digits(tmp_path_factory) -
     assert arms["related"]["no-mnist"]["accuracy"] > arms["uniform"]["no-mnist"]["accuracy"] + 0.15, arms
     report = (out / "report.md").read_text()
     assert "a teacher of MNIST digits" in report and "## Per class, pool `no-mnist`" in report
+
+
+@pytest.mark.parametrize("seeds, message", [(["0", "1"], "tuning seeds"), (["2", "2"], "distinct seeds")])
+def test_seeds_of_the_ablation_or_repeated_are_refused(tmp_path: Path, seeds: list[str], message: str) -> None:
+    result = run(tmp_path / "out", "fashion", "--seeds", *seeds)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything is written
