@@ -134,22 +134,23 @@ def selection_quality(design: Design, t: int) -> dict[str, dict[str, Any]]:
     task = design.task
     selections = [design.selection(t, arm, pool) for pool in task.pools for arm in ("uniform", "related")]
     con = ScoredPool.open(design.scored(t, "pool")).connect(other_files=tuple(selections))
-    hidden_source = sql_string(task.hidden_source or "")
+    hidden_source = sql_string(task.hidden_source or "")  # no source has an empty name: 0 hidden rows without one
     hidden = con.execute(f"SELECT count(*) FROM scores WHERE source = {hidden_source}").fetchone()[0]
     quality: dict[str, dict[str, Any]] = {}
     for pool in task.pools:
         for arm in ("uniform", "related"):
             path = sql_string(str(design.selection(t, arm, pool)))
-            rows, found, classes = con.execute(f"""
-                SELECT count(*), count(*) FILTER (WHERE s.source = {hidden_source}), count(DISTINCT s.pred)
-                FROM read_parquet({path}) sel JOIN scores s USING (uid)""").fetchone()
-            smallest = con.execute(f"""
-                SELECT min(n) FROM (SELECT count(*) AS n FROM read_parquet({path}) sel JOIN scores s USING (uid)
-                GROUP BY s.pred)""").fetchone()[0]
-            quality.setdefault(pool, {})[arm] = {
-                "rows": rows, "predicted_classes": classes, "smallest_class_share": (smallest or 0) / rows if rows
-                else 0.0, **({"hidden_rows": found, "precision": found / rows if rows else 0.0,
-                              "recall": found / hidden if hidden else None} if task.hidden_source else {})}
+            rows, found, classes, smallest = con.execute(f"""
+                SELECT sum(n), sum(found), count(*), min(n) FROM (
+                    SELECT count(*) AS n, count(*) FILTER (WHERE s.source = {hidden_source}) AS found
+                    FROM read_parquet({path}) sel JOIN scores s USING (uid) GROUP BY s.pred)""").fetchone()
+            rows, found = int(rows or 0), int(found or 0)
+            entry = {"rows": rows, "predicted_classes": classes, "smallest_class_share": (smallest or 0) / rows
+                     if rows else 0.0}
+            if task.hidden_source:
+                entry |= {"hidden_rows": found, "precision": found / rows if rows else 0.0,
+                          "recall": found / hidden if hidden else None}
+            quality.setdefault(pool, {})[arm] = entry
     return quality
 
 
