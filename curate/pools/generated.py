@@ -169,7 +169,8 @@ class Mnist5kPool(DigitArraysPool):
         return str(int(self._rows[index]))  # the CSV row: the same sample has the same uid in every split
 
     def describe(self) -> dict:
-        return {**super().describe(), "split": self.split}
+        # The whole CSV is described as it was before splits existed: pools scored then still export.
+        return super().describe() | ({} if self.split == "all" else {"split": self.split})
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
         images, labels = self._file
