@@ -48,6 +48,7 @@ from pipelines.design import (
     POOL_SPEC,
     PROFILES,
     RECIPE_CRITERION,
+    REPO,
     TASKS,
     TUNING_SEEDS,
     Design,
@@ -209,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("results") / (profile.name if task.name == "fashion" else f"{task.name}-{profile.name}")
     design = Design(task, profile, out, args.root)
     experiment = Experiment(design, Lanes.for_this_machine(args.jobs))
-    (design.out / "profile.json").write_text(json.dumps({**asdict(profile), "task": asdict(task)}, indent=1))
+    described = json.dumps({**asdict(profile), "task": asdict(task)}, indent=1)
+    (design.out / "profile.json").write_text(described.replace(f"{REPO}/", ""))  # paths from the repo, as in reports
     try:
         for t in profile.teachers:
             experiment.train_teacher(t)
