@@ -12,6 +12,12 @@ POOL_SPEC = REPO / "data" / "pools" / "related-hidden.toml"
 ARMS = ("original", "uniform", "related", "related+signal")
 
 
+def from_repo(text: str) -> str:
+    """``text`` with this checkout's absolute paths made relative to the repository's root, so committed results
+    read the same on every machine."""
+    return text.replace(f"{REPO}/", "")
+
+
 @dataclass(frozen=True)
 class Task:
     """What the teacher learns, what it is tested on, and the pools its students are distilled from."""

@@ -25,10 +25,10 @@ from pipelines.design import (
     ARMS,
     HELD_OUT_FILE,
     RECIPE_CRITERION,
-    REPO,
     Design,
     Recipe,
     Run,
+    from_repo,
 )
 from pipelines.steps import StepRunner
 from train.evaluate import Evaluator
@@ -265,7 +265,7 @@ def write_experiment_report(design: Design, runner: StepRunner, signal: Recipe) 
         entry.update({key: float(np.mean([s[key] for s in entry["seeds"]])) for key in figures})
     results["selection"] = selection_quality(design, first)
     results["stage_seconds"] = {k: round(v, 1) for k, v in runner.timings.items()}
-    results["commands"] = [command.replace(f"{REPO}/", "") for command in runner.commands]  # from the repo
+    results["commands"] = [from_repo(command) for command in runner.commands]
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     plot_curves(results, list(design.task.pools), out / "curves.png")

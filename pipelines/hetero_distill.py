@@ -48,12 +48,12 @@ from pipelines.design import (
     POOL_SPEC,
     PROFILES,
     RECIPE_CRITERION,
-    REPO,
     TASKS,
     TUNING_SEEDS,
     Design,
     Recipe,
     Run,
+    from_repo,
 )
 from pipelines.experiment_report import ablation_scores, write_experiment_report
 from pipelines.steps import Lanes, Step, StepRunner, console
@@ -210,8 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     out = args.out or Path("results") / (profile.name if task.name == "fashion" else f"{task.name}-{profile.name}")
     design = Design(task, profile, out, args.root)
     experiment = Experiment(design, Lanes.for_this_machine(args.jobs))
-    described = json.dumps({**asdict(profile), "task": asdict(task)}, indent=1)
-    (design.out / "profile.json").write_text(described.replace(f"{REPO}/", ""))  # paths from the repo, as in reports
+    (design.out / "profile.json").write_text(from_repo(json.dumps({**asdict(profile), "task": asdict(task)}, indent=1)))
     try:
         for t in profile.teachers:
             experiment.train_teacher(t)
