@@ -106,6 +106,8 @@ class Recipe:
     affine: float | None = None
     mixup: float | None = None
     cutmix: float | None = None
+    mix_prob: float | None = None
+    clean_finish: float | None = None
     balance_views: bool = False
     boundary_views: float | None = None
     candidates: float | None = None
@@ -117,8 +119,8 @@ class Recipe:
     def options(self, teacher: Path | str) -> list[str]:
         """Options of `train distill`, with ``teacher`` the teacher file."""
         argv = ["--teacher", str(teacher)] if self.online_teacher else []
-        for name in ("affine", "mixup", "cutmix", "boundary_views", "candidates", "hard_weight", "feature_weight",
-                     "temperature"):
+        for name in ("affine", "mixup", "cutmix", "mix_prob", "clean_finish", "boundary_views", "candidates",
+                     "hard_weight", "feature_weight", "temperature"):
             if (value := getattr(self, name)) is not None:
                 argv += ["--" + name.replace("_", "-"), str(value)]
         return argv + (["--balance-views"] if self.balance_views else [])
@@ -158,6 +160,13 @@ COMBINATIONS = {
                                                                    candidates=2),
     "refined images + online teacher + mixup + CutMix + adaptive selection": Recipe(
         refine=True, online_teacher=True, mixup=0.4, cutmix=1.0, candidates=2),
+    # Less mixing: the student is tested on unmixed images of the task, and where the pool holds them, the
+    # composites stand between it and them. Half of the steps mixed; or the last quarter of the steps (where the
+    # cosine schedule's rate is under 15% of its peak and the weights settle) unmixed.
+    "online teacher + CutMix on half the steps + adaptive selection": Recipe(online_teacher=True, cutmix=1.0,
+                                                                             mix_prob=0.5, candidates=2),
+    "online teacher + CutMix + adaptive selection + clean finish": Recipe(online_teacher=True, cutmix=1.0,
+                                                                          clean_finish=0.25, candidates=2),
 }
 CANDIDATES = {"related (KD on stored logits)": STORED_LOGITS, **INGREDIENTS, **COMBINATIONS}
 # The recipe of `related+signal` in profiles without the ablation, and how it was chosen: the `full` profile's

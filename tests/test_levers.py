@@ -16,14 +16,15 @@ import pytest
 import torch
 
 from curate.errors import UserError
-from curate.selected import CuratedShards
+from curate.selected import CuratedShards, decode_pixels
 from curate.teachers import load_teacher
 from train.adaptive import hardest_within_classes
 from train.augment import mix, random_affine, step_generator
 from train.boundary import BoundaryViews
-from train.distill import DistillConfig, distill
+from train.distill import DistillConfig, Trainer, distill
 from train.losses import balanced_class_weights
 from train.online import OnlineTeacher
+from train.ranks import Ranks
 from train.row_audit import read_recorded_rows
 from train.shards import EpochPlan, held_out_rows
 
@@ -57,6 +58,35 @@ def test_mixup_blends_whole_images_and_both_switch_per_step() -> None:
     assert all(len(b.unique()) == 1 for b in blended[:, 0])  # a blend of two constants is a constant
     kinds = {all(len(b.unique()) == 1 for b in mix(images, 0.4, 1.0, seed=3, step=s)[:, 0]) for s in range(20)}
     assert kinds == {True, False}  # with both, some steps blend and some paste
+
+
+def test_mix_prob_leaves_the_other_steps_unmixed_and_keeps_the_draws_of_mixing_every_step() -> None:
+    images = constant_images()
+    mixed_steps = [not torch.equal(mix(images, 0.0, 1.0, seed=3, step=s, prob=0.5), images) for s in range(40)]
+    assert 10 <= sum(mixed_steps) <= 30
+    # a run that mixes every step draws as it did before the option existed
+    assert torch.equal(mix(images, 0.4, 1.0, seed=3, step=7, prob=1.0), mix(images, 0.4, 1.0, seed=3, step=7))
+
+
+def test_clean_finish_trains_the_last_steps_on_unmixed_views(selected: Path, teacher_path: Path,
+                                                              tmp_path: Path) -> None:
+    common = dict(shards=selected, teacher=teacher_path, steps=8, batch_size=16, width=0.25, workers=0, device="cpu")
+    mixing = Trainer(DistillConfig(**common, out=tmp_path / "a", cutmix=1.0, clean_finish=0.25), Ranks())
+    plain = Trainer(DistillConfig(**common, out=tmp_path / "b"), Ranks())
+    shards = CuratedShards.open(selected)
+    path = shards.files[0].path
+    pixels = torch.from_numpy(decode_pixels(pq.read_table(path, columns=["pixels"])["pixels"][:16],
+                                            shards.image_shape, path).copy())
+
+    def same_views(step: int) -> bool:
+        return torch.equal(mixing.views(pixels, step, step_generator(0, step)),
+                           plain.views(pixels, step, step_generator(0, step)))
+
+    assert [same_views(step) for step in range(8)] == [False] * 6 + [True] * 2
+    with pytest.raises(UserError, match="need --mixup or --cutmix"):
+        DistillConfig(**common, clean_finish=0.25)
+    with pytest.raises(UserError, match="--mix-prob 0.0 is not a probability"):
+        DistillConfig(**common, cutmix=1.0, mix_prob=0.0)
 
 
 def test_random_affine_warps_each_view_by_its_own_draw_and_fills_with_the_background() -> None:

@@ -66,11 +66,15 @@ def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step + (rank << 40))
 
 
-def mix(images: torch.Tensor, mixup: float, cutmix: float, seed: int, step: int, rank: int = 0) -> torch.Tensor:
+def mix(images: torch.Tensor, mixup: float, cutmix: float, seed: int, step: int, rank: int = 0,
+        prob: float = 1.0) -> torch.Tensor:
     """Each sample mixed with another of the batch (a seeded permutation), with a Beta(alpha, alpha) share per
     sample, the larger share kept by the sample itself: mixup blends the whole images, CutMix pastes a box of the
-    other image covering the smaller share of the area. With both, each step draws one of the two (even odds)."""
+    other image covering the smaller share of the area. With both, each step draws one of the two (even odds).
+    With ``prob`` below 1 the step mixes with that chance and otherwise returns ``images`` as they are."""
     rng = np.random.default_rng([seed, step, rank] if rank else [seed, step])
+    if prob < 1 and rng.random() >= prob:  # drawn only then: a run mixing every step keeps its draws
+        return images
     use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < 0.5)
     lam = torch.from_numpy(rng.beta(*(2 * [cutmix if use_cutmix else mixup]), len(images)).astype(np.float32))
     lam = torch.maximum(lam, 1 - lam)

@@ -117,6 +117,13 @@ def distill(
     cutmix: Annotated[float, typer.Option(help="CutMix Beta(alpha, alpha): a box of another sample over that share "
                                                "of the area (needs --teacher; with --mixup, one of the two per "
                                                "step)")] = DistillConfig.cutmix,
+    mix_prob: Annotated[float, typer.Option(
+        help="chance in (0, 1] that a step mixes (with --mixup or --cutmix); the other steps train on the pool's "
+             "own views")] = DistillConfig.mix_prob,
+    clean_finish: Annotated[float, typer.Option(
+        help="share in [0, 1) of the steps, at the end, trained without mixing, so the student ends on the "
+             "pool's own views, as it is tested (with --mixup or --cutmix; 0: mix to the end)")]
+    = DistillConfig.clean_finish,
     balance_views: Annotated[bool, typer.Option(
         help="weight the loss so that every class the teacher sees in a batch (after augmentation and mixing) "
              "counts equally")] = DistillConfig.balance_views,

@@ -46,6 +46,8 @@ class DistillConfig:
     affine: float = 0.0  # strength of a random rotation, scale and shear per view; needs --teacher
     mixup: float = 0.0  # Beta(alpha, alpha) mixing between samples; needs --teacher for fresh targets
     cutmix: float = 0.0  # a box of another sample over a Beta(alpha, alpha) share of the area; needs --teacher
+    mix_prob: float = 1.0  # chance that a step mixes (with mixup or CutMix); the other steps train on the views
+    clean_finish: float = 0.0  # share of the steps, at the end, that train on unmixed views
     balance_views: bool = False  # weight the loss so every class the teacher sees in a batch counts equally
     boundary_views: float = 0.0  # share of each batch stepped toward random teacher classes; needs --teacher
     candidates: float = 1.0  # rows read per row trained on: the student keeps the views it imitates worst
@@ -90,6 +92,14 @@ class DistillConfig:
             # 0.0916 -> 0.0691 on a no-fashion related selection when the crop goes. An online teacher
             # labels each crop itself, so there crops only add views.
             self.crop_padding = 2 if self.teacher is not None else 0
+        if not 0 < self.mix_prob <= 1:
+            raise UserError(f"--mix-prob {self.mix_prob} is not a probability in (0, 1]: try 0.5 (1: every step "
+                            "mixes)")
+        if not 0 <= self.clean_finish < 1:
+            raise UserError(f"--clean-finish {self.clean_finish} is not a share of the steps in [0, 1): try 0.25")
+        if (self.mix_prob < 1 or self.clean_finish > 0) and self.mixup <= 0 and self.cutmix <= 0:
+            raise UserError("--mix-prob and --clean-finish set how often views are mixed: they need --mixup or "
+                            "--cutmix")
         if not 0 <= self.affine <= 1:
             raise UserError(f"--affine {self.affine} is not a strength in [0, 1]: try 0.5 (0 turns it off)")
         if not 0 <= self.boundary_views <= 1:

@@ -112,6 +112,7 @@ class Trainer:
         self.normalize = self.spec.normalize()
         self.black = self.normalize(torch.zeros(1, self.spec.in_channels, 1, 1, dtype=torch.uint8)).flatten()
         self.steps = cfg.total_steps(shards.rows)
+        self.mixing_steps = self.steps - round(self.steps * cfg.clean_finish)  # the steps that may mix
         student = build_student(cfg, shards)
         self.memory_format = torch.channels_last if channels_last_is_safe(student, device) else torch.contiguous_format
         student = student.to(device, memory_format=self.memory_format)
@@ -143,18 +144,23 @@ class Trainer:
         if self.ranks.main:
             (self.cfg.out / "config.json").write_text(json.dumps(self.cfg.resolved(), indent=1))
 
+    def views(self, pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """The normalised views step ``step`` trains on: cropped, flipped, warped and, until the clean finish,
+        mixed; ``generator`` is the step's (step_generator)."""
+        cfg = self.cfg
+        inputs = self.normalize(random_crop_flip(pixels, cfg.crop_padding, cfg.flip, generator))
+        if cfg.affine > 0:
+            inputs = random_affine(inputs, cfg.affine, self.black, generator)
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and step < self.mixing_steps:
+            inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, step, self.ranks.rank, cfg.mix_prob)
+        return inputs.contiguous(memory_format=self.memory_format)
+
     def train_step(self, batch: dict[str, Any]) -> tuple[LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment, mix, push views to the teacher's boundaries, label (stored or online), keep the hardest views,
         weight, forward, backward; returns the loss terms, the student's logits, the targets, the rows trained on."""
         cfg, device, state = self.cfg, self.device, self.state
         generator = step_generator(cfg.seed, state.step, self.ranks.rank)
-        images = random_crop_flip(batch["pixels"], cfg.crop_padding, cfg.flip, generator)
-        inputs = self.normalize(images)
-        if cfg.affine > 0:
-            inputs = random_affine(inputs, cfg.affine, self.black, generator)
-        if cfg.mixup > 0 or cfg.cutmix > 0:
-            inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, state.step, self.ranks.rank)
-        inputs = inputs.contiguous(memory_format=self.memory_format)
+        inputs = self.views(batch["pixels"], state.step, generator)
         with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.use_amp):
             if self.boundary is not None:
                 inputs = self.boundary(inputs, generator)
