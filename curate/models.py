@@ -14,8 +14,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn as nn
-from torchvision.models import MobileNetV2, ShuffleNetV2, resnet18
-from torchvision.ops import Conv2dNormActivation
 
 from curate.errors import UserError
 from curate.zoo import LibraryModel, is_library_name
@@ -117,6 +115,8 @@ def small_resnet18(num_classes: int, in_channels: int, width: float = 1.0) -> Cl
     """torchvision's ResNet-18 with a 3x3 stride-1 stem and no max-pool, the usual form for 32x32 inputs."""
     if width != 1.0:
         raise UserError("resnet18 has no width option: use resnet8/20/56 or wrn for other widths")
+    from torchvision.models import resnet18  # here: importing torchvision costs every command seconds
+
     net = resnet18(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
     trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.layer1, net.layer2, net.layer3, net.layer4)
@@ -125,6 +125,9 @@ def small_resnet18(num_classes: int, in_channels: int, width: float = 1.0) -> Cl
 
 def small_mobilenetv2(num_classes: int, in_channels: int, width: float = 1.0) -> Classifier:
     """torchvision's MobileNetV2 with the CIFAR strides: stride-1 stem and first stride-2 stage, so 8x down."""
+    from torchvision.models import MobileNetV2
+    from torchvision.ops import Conv2dNormActivation
+
     setting = [[1, 16, 1, 1], [6, 24, 2, 1], [6, 32, 3, 2], [6, 64, 4, 2], [6, 96, 3, 1], [6, 160, 3, 2],
                [6, 320, 1, 1]]
     net = MobileNetV2(num_classes=num_classes, width_mult=width, inverted_residual_setting=setting)
@@ -143,6 +146,9 @@ def small_shufflenetv2(num_classes: int, in_channels: int, width: float = 1.0) -
     """torchvision's ShuffleNetV2 with a stride-1 stem and no max-pool (8x down in all)."""
     if width not in _SHUFFLE_CHANNELS:
         raise UserError(f"shufflenetv2 width must be one of {sorted(_SHUFFLE_CHANNELS)}, got {width}")
+    from torchvision.models import ShuffleNetV2
+    from torchvision.ops import Conv2dNormActivation
+
     channels = _SHUFFLE_CHANNELS[width]
     net = ShuffleNetV2([4, 8, 4], channels, num_classes=num_classes)
     stem = Conv2dNormActivation(in_channels, channels[0], stride=1, norm_layer=nn.BatchNorm2d)

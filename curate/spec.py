@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
 
 import torch
-from torchvision.transforms import v2
 
 from curate.errors import UserError
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -128,13 +132,23 @@ class Geometry:
     def __init__(self, in_channels: int, image_size: int, resize_size: int | None = None,
                  interpolation: str = "bilinear") -> None:
         self.shape = (in_channels, image_size, image_size)
-        channels: v2.Transform = v2.Grayscale(1) if in_channels == 1 else v2.RGB()
-        mode = v2.InterpolationMode(interpolation)
-        size: v2.Transform = v2.Resize((image_size, image_size), mode, antialias=True) if resize_size is None else \
-            v2.Compose([v2.Resize(resize_size, mode, antialias=True), v2.CenterCrop(image_size)])
-        self.convert = v2.Compose([channels, size])
+        self.resize_size, self.interpolation = resize_size, interpolation
         # an image already at the crop size still goes through the resize-then-crop of an evaluation transform
         self.fits = self.shape if resize_size is None else None
+
+    @cached_property
+    def convert(self) -> v2.Transform:
+        """The transform, built on first need: importing torchvision costs a command seconds, and a pool already
+        at the model's size never needs it."""
+        from torchvision.transforms import v2
+
+        in_channels, image_size, _ = self.shape
+        channels: v2.Transform = v2.Grayscale(1) if in_channels == 1 else v2.RGB()
+        mode = v2.InterpolationMode(self.interpolation)
+        size: v2.Transform = v2.Resize((image_size, image_size), mode, antialias=True) \
+            if self.resize_size is None else \
+            v2.Compose([v2.Resize(self.resize_size, mode, antialias=True), v2.CenterCrop(image_size)])
+        return v2.Compose([channels, size])
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         """One CHW image or an NCHW batch (whose images all share a size)."""

@@ -114,6 +114,20 @@ def test_the_trainer_reads_shards_without_duckdb():
     assert result.stdout.split() == ["False", "False"]
 
 
+def test_the_project_models_and_pools_load_without_torchvision():
+    # importing torchvision costs every command about 3 seconds (torchvision.ops pulls in torch._dynamo): only a
+    # torchvision model, a resize or an on-device JPEG decode should pay it
+    code = "\n".join([
+        "import sys, torch, train.cli, train.distill, curate.cli, curate.pools, curate.teachers",
+        "from curate.models import build_model",
+        "from curate.spec import Geometry",
+        "build_model('resnet8', num_classes=10, in_channels=1, image_size=28)",
+        "Geometry(1, 28)(torch.zeros(1, 28, 28, dtype=torch.uint8))  # already the model's size: no transform",
+        "print('torchvision' in sys.modules)"])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert result.stdout.split() == ["False"]
+
+
 def test_the_query_commands_start_without_torch():
     # `curate --help`, `curate sql` and `curate select` are DuckDB work: importing torch and torchvision would
     # cost them seconds of start-up

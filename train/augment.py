@@ -1,4 +1,5 @@
-"""Batched augmentation (crop, flip, random affine, mixup, CutMix) on image tensors, on whatever device the batch is on.
+"""Batched augmentation (crop, flip, random affine, mixup, CutMix) on image tensors, on whatever device the batch
+is on, and the views of a training step made of them (StepViews).
 
 Per-sample torchvision transforms cost about half a millisecond each on a CPU
 core, as much as the training step of a small network; doing crop and flip
@@ -7,11 +8,14 @@ for a whole batch with one gather keeps augmentation off the critical path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from curate.device import to_device
+from train.config import DistillConfig
 
 
 def random_crop_flip(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -97,3 +101,25 @@ def _boxes(shape: torch.Size, share: torch.Tensor, rng: np.random.Generator) -> 
     in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])
     in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])
     return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+class StepViews:
+    """The normalised views a training step trains on: cropped, flipped, warped and, until the clean finish
+    (``--clean-finish``), mixed; every draw seeded by (seed, step, rank), so a resumed run sees the same views."""
+
+    def __init__(self, cfg: DistillConfig, normalize: Callable[[torch.Tensor], torch.Tensor], channels: int,
+                 steps: int, rank: int, memory_format: torch.memory_format) -> None:
+        self.cfg, self.normalize, self.rank, self.memory_format = cfg, normalize, rank, memory_format
+        # the normalised value of a black pixel: the background of the pool's images, where a warp uncovers
+        self.black = normalize(torch.zeros(1, channels, 1, 1, dtype=torch.uint8)).flatten()
+        self.mixing_steps = steps - round(steps * cfg.clean_finish) if cfg.mixup > 0 or cfg.cutmix > 0 else 0
+
+    def __call__(self, pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
+        """Views of the uint8 ``pixels`` for step ``step``; ``generator`` is the step's (step_generator)."""
+        cfg = self.cfg
+        inputs = self.normalize(random_crop_flip(pixels, cfg.crop_padding, cfg.flip, generator))
+        if cfg.affine > 0:
+            inputs = random_affine(inputs, cfg.affine, self.black, generator)
+        if step < self.mixing_steps:
+            inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, step, self.rank, cfg.mix_prob)
+        return inputs.contiguous(memory_format=self.memory_format)

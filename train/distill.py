@@ -37,7 +37,7 @@ from curate.selected import CuratedShards
 from curate.spec import InputSpec
 from curate.teachers import TEACHER_ONLY, Teacher, load_teacher
 from train.adaptive import HardestViews
-from train.augment import mix, random_affine, random_crop_flip, step_generator
+from train.augment import StepViews, step_generator
 from train.average import averaged_student
 from train.boundary import BoundaryViews
 from train.checkpoint import TrainState, checkpoint_on_every_rank, checkpoint_paths, save_checkpoint, save_student
@@ -110,12 +110,11 @@ class Trainer:
         self.shards = shards = CuratedShards.open(cfg.shards)
         self.spec = InputSpec.from_meta(shards.manifest["input_spec"])
         self.normalize = self.spec.normalize()
-        self.black = self.normalize(torch.zeros(1, self.spec.in_channels, 1, 1, dtype=torch.uint8)).flatten()
         self.steps = cfg.total_steps(shards.rows)
-        self.mixing_steps = self.steps - round(self.steps * cfg.clean_finish)  # the steps that may mix
         student = build_student(cfg, shards)
         self.memory_format = torch.channels_last if channels_last_is_safe(student, device) else torch.contiguous_format
         student = student.to(device, memory_format=self.memory_format)
+        self.views = StepViews(cfg, self.normalize, self.spec.in_channels, self.steps, ranks.rank, self.memory_format)
         self.teacher = build_teacher(cfg, shards, device)
         self.online = OnlineTeacher.of(self.teacher, with_features=cfg.feature_weight > 0)
         loss_fn = DistillLoss(cfg.loss, cfg.temperature, cfg.hard_weight, cfg.feature_weight,
@@ -143,17 +142,6 @@ class Trainer:
         self.cfg.out.mkdir(parents=True, exist_ok=True)  # on every rank: each records its rows there
         if self.ranks.main:
             (self.cfg.out / "config.json").write_text(json.dumps(self.cfg.resolved(), indent=1))
-
-    def views(self, pixels: torch.Tensor, step: int, generator: torch.Generator) -> torch.Tensor:
-        """The normalised views step ``step`` trains on: cropped, flipped, warped and, until the clean finish,
-        mixed; ``generator`` is the step's (step_generator)."""
-        cfg = self.cfg
-        inputs = self.normalize(random_crop_flip(pixels, cfg.crop_padding, cfg.flip, generator))
-        if cfg.affine > 0:
-            inputs = random_affine(inputs, cfg.affine, self.black, generator)
-        if (cfg.mixup > 0 or cfg.cutmix > 0) and step < self.mixing_steps:
-            inputs = mix(inputs, cfg.mixup, cfg.cutmix, cfg.seed, step, self.ranks.rank, cfg.mix_prob)
-        return inputs.contiguous(memory_format=self.memory_format)
 
     def train_step(self, batch: dict[str, Any]) -> tuple[LossTerms, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Augment, mix, push views to the teacher's boundaries, label (stored or online), keep the hardest views,

@@ -16,15 +16,18 @@ import io
 import math
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
 
 from curate.device import to_device
 from curate.pools.base import SampleError, to_chw_uint8
 from curate.pools.images import Decoding
 from curate.spec import Geometry
+
+if TYPE_CHECKING:
+    from torchvision.io import ImageReadMode
 
 JPEG_MAGIC = b"\xff\xd8\xff"  # start-of-image marker and the first segment's marker
 
@@ -59,6 +62,8 @@ def decode_jpegs(jpegs: list[EncodedJpeg], geometry: Geometry,
                  device: torch.device) -> tuple[torch.Tensor, list[tuple[int, str]]]:
     """The decoded images (N x C x H x W uint8 on ``device``, in the teacher's geometry) of the JPEGs that some
     decoder could read, in order, and (index in ``jpegs``, reason) for those none could."""
+    from torchvision.io import ImageReadMode, decode_jpeg  # here: importing torchvision costs every command seconds
+
     mode = ImageReadMode.GRAY if geometry.shape[0] == 1 else ImageReadMode.RGB
     if device.type == "cuda":
         # torchvision's CUDA decoder takes its output memory on this stream but writes it from a stream of its
@@ -93,6 +98,8 @@ def decode_jpegs(jpegs: list[EncodedJpeg], geometry: Geometry,
 
 
 def _decode_one(data: torch.Tensor, mode: ImageReadMode, device: torch.device) -> torch.Tensor | None:
+    from torchvision.io import decode_jpeg
+
     try:
         return decode_jpeg(data, mode=mode, device=device)
     except RuntimeError:
