@@ -6,7 +6,6 @@ from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 
 from curate.errors import UserError
 from curate.pools.base import Pool, check_split, require_file
@@ -35,6 +34,8 @@ class SvhnPool(Pool):
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray]:
         # loadmat reads the whole file: .mat v5 cannot be memory-mapped (SVHN extra is 1.6 GB).
+        import scipy.io  # here: half a second of import that only SVHN's .mat files need
+
         try:
             mat = scipy.io.loadmat(self.path)
         except Exception as err:
