@@ -82,7 +82,7 @@ class Profile:
 # stored logits by 0.007 and 0.005).
 PROFILES = {
     "quick": Profile("quick", pool_scale=0.05, original_scale=0.1, teacher_epochs=2, teacher_limit=6000, budget=2000,
-                     student_width=0.5, steps=150, batch_size=64, eval_every=25, eval_limit=1000, teachers=(0,),
+                     student_width=0.5, steps=150, batch_size=64, eval_every=50, eval_limit=1000, teachers=(0,),
                      seeds=(1,), ablation=False, test_limit=2000),
     "default": Profile("default", pool_scale=1.0, original_scale=1.0, teacher_epochs=None, teacher_limit=None,
                        budget=None, student_width=0.5, steps=2000, batch_size=128, eval_every=50, eval_limit=1000,
