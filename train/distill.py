@@ -236,8 +236,10 @@ def distill(cfg: DistillConfig, resume: bool = False) -> dict[str, Any]:
             raise UserError(f"{cfg.out} already holds a run: pass --resume to continue it, or choose a new --out")
         trainer.start()
         trainer.train()
-        if ranks.world > 1:
-            dist.barrier()  # no rank leaves while rank 0 may still need it
         if ranks.main:
             trainer.save_student()
+        if ranks.world > 1:
+            # leave together: a rank that exits first closes its gloo sockets under the others, which the
+            # transport may report as a lost peer (seen once as an abort in a two-rank test)
+            dist.barrier()
     return {"steps": trainer.steps, "history": trainer.state.history, "student": cfg.out / "student.pt"}
